@@ -1,0 +1,123 @@
+"""Causal self-attention with RoPE, GQA, optional QK-norm and a KV cache (Hugging Face conventions)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phds_jax.models.config import ModelConfig
+from phds_jax.models.layers import Linear, RMSNorm
+
+
+class KVCache(NamedTuple):
+  """Decoding state for all layers. Slots are absolute positions in the cache, not token positions.
+
+  Prompts may be left-padded: `key_mask` records which slots hold real tokens, and `next_pos` the RoPE
+  position of each row's next token, so padding never shifts positions or receives attention.
+  """
+
+  k: tuple[jax.Array, ...]  # per layer [B, L, KV, hd]
+  v: tuple[jax.Array, ...]  # per layer [B, L, KV, hd]
+  key_mask: jax.Array  # [B, L] bool, slot holds a real token
+  next_pos: jax.Array  # [B] int32, RoPE position of the next real token
+  index: jax.Array  # scalar int32, next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache for `max_len` slots (prompt + generated tokens)."""
+  dtype = dtype or cfg.compute_dtype
+  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return KVCache(k=zeros, v=zeros, key_mask=jnp.zeros((batch_size, max_len), bool),
+                 next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the HF 'rotate_half' layout (first half / second half of each head)."""
+  head_dim = x_BxTxNxH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x_BxTxNxH.dtype), jnp.sin(emb).astype(x_BxTxNxH.dtype)
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxTxNxH * cos + rotated * sin
+
+
+def default_positions(attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None,
+                      shape: tuple[int, int]) -> jax.Array:
+  """Token positions: count of real tokens before each one (left padding safe), restarted per segment."""
+  if segment_ids_BxT is not None:
+    seg = segment_ids_BxT
+    start = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    idx = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    seg_start = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return (idx - seg_start).astype(jnp.int32)
+  if attention_mask_BxT is not None:
+    return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+  return jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+
+
+def self_attention_mask(attention_mask_BxT: jax.Array | None, segment_ids_BxT: jax.Array | None,
+                        shape: tuple[int, int]) -> jax.Array:
+  """[B, T, T] bool: causal, keys must be real tokens, and queries only see their own packed segment."""
+  b, t = shape
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  if attention_mask_BxT is not None:
+    mask = mask & attention_mask_BxT.astype(bool)[:, None, :]
+  if segment_ids_BxT is not None:
+    mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+  return mask
+
+
+def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                          mask_BxTxS: jax.Array) -> jax.Array:
+  """Grouped-query attention in fp32 softmax; fully-masked rows (padding queries) give finite output."""
+  b, t, h, d = q_BxTxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out.reshape(b, t, h * d)
+
+
+class Attention(nn.Module):
+  """Multi-head attention block; `cache` is (k, v, mask over cache slots, write index) when decoding."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array,
+               cache: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = Linear(h * hd, cfg, use_bias=cfg.qkv_bias, name="q_proj")(x_BxTxD)
+    k = Linear(kv * hd, cfg, use_bias=cfg.qkv_bias, name="k_proj")(x_BxTxD)
+    v = Linear(kv * hd, cfg, use_bias=cfg.qkv_bias, name="v_proj")(x_BxTxD)
+    if cfg.qk_norm == "full":  # OLMoE: one norm over the whole projection
+      q = RMSNorm(cfg, name="q_norm")(q)
+      k = RMSNorm(cfg, name="k_norm")(k)
+    if cfg.clip_qkv is not None:
+      q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+    q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
+    if cfg.qk_norm == "per_head":  # Qwen3: a norm per head
+      q = RMSNorm(cfg, name="q_norm")(q)
+      k = RMSNorm(cfg, name="k_norm")(k)
+    q = rope(q, positions_BxT, cfg.rope_theta)
+    k = rope(k, positions_BxT, cfg.rope_theta)
+    new_cache = None
+    if cache is not None:
+      cache_k, cache_v, index = cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      new_cache = (k, v)
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    out = Linear(cfg.hidden_size, cfg, use_bias=cfg.o_bias, name="o_proj")(out)
+    return out, new_cache

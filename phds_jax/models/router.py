@@ -1,0 +1,100 @@
+"""The router: the one place where the top-k level `k` changes what the model computes.
+
+Everything downstream (dispatch, grouped matmuls, combine) only sees the routing this module returns, with
+a static number of slots per token. Two modes:
+
+* ``hard``: exactly ``k`` slots per token, the top-k experts with their (optionally renormalised) router
+  probabilities. Used at inference; expert compute is proportional to ``k``.
+* ``soft``: ``max(k, k_pre)`` slots (static across k <= k_pre, so one compiled shape serves every level).
+  Slots ranked past ``k`` keep their expert but get the constant weight ``eps`` (PHDS §1.4, ε = 1e-6): a tiny
+  gradient still reaches those experts, and shapes never change with ``k``. Renormalisation happens only if the
+  architecture renormalises (``norm_topk_prob``), after masking. With ``eps = 0`` soft equals hard.
+
+Semantics follow the Hugging Face reference: softmax over *all* experts in fp32, exact ``lax.top_k``, then
+optional renormalisation of the kept probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+RouterMode = Literal["hard", "soft"]
+ROUTER_MODES: tuple[str, ...] = ("hard", "soft")
+
+
+class Routing(NamedTuple):
+  """Per-token routing decision with a static slot count S."""
+
+  weights_TxS: jax.Array  # combine weights (fp32); eps for soft slots past k.
+  experts_TxS: jax.Array  # int32 expert ids, slot 0 = highest probability.
+  lb_loss: jax.Array  # scalar load-balance loss, normalised by k (scale independent of k).
+  z_loss: jax.Array  # scalar router z-loss, mean logsumexp(logits)^2.
+  expert_load_E: jax.Array  # tokens routed to each expert by the k active slots, [E] fp32.
+
+
+def check_k(k: int, num_experts: int, k_pre: int) -> None:
+  """Validates a requested top-k level; k above k_pre is allowed but flagged (PHDS §6: it does not help)."""
+  if not isinstance(k, int) or isinstance(k, bool):
+    raise TypeError(f"k must be a Python int (it is static), got {type(k).__name__}: {k!r}")
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k={k} is out of range: it must satisfy 1 <= k <= num_experts={num_experts}")
+  if k > k_pre:
+    logging.warning("k=%d is above the checkpoint's k_pre=%d; PHDS only targets k <= k_pre.", k, k_pre)
+
+
+def num_slots(k: int, k_pre: int, mode: RouterMode) -> int:
+  """Static number of expert slots per token computed for (k, mode)."""
+  if mode == "hard":
+    return k
+  if mode == "soft":
+    return max(k, k_pre)
+  raise ValueError(f"router mode {mode!r} is not one of {ROUTER_MODES}")
+
+
+def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard",
+          eps: float = 1e-6, norm_topk_prob: bool = False,
+          token_mask_T: jax.Array | None = None) -> Routing:
+  """Turns router logits into a static-shape top-k routing at level ``k``.
+
+  Args:
+    logits_TxE: router logits for T tokens over E experts (any float dtype; computed in fp32).
+    k: active experts per token (static Python int).
+    k_pre: the checkpoint's pretraining top-k; sets the soft-mode slot count.
+    mode: 'hard' (exactly k slots) or 'soft' (max(k, k_pre) slots, ranks past k weighted eps).
+    eps: weight of soft slots past k.
+    norm_topk_prob: renormalise the kept weights to sum to one (Qwen3-MoE; not OLMoE/Qwen1.5).
+    token_mask_T: 1 for real tokens, 0 for padding; padding is excluded from the aux statistics.
+  """
+  num_tokens, num_experts = logits_TxE.shape
+  slots = num_slots(k, k_pre, mode)
+  logits = logits_TxE.astype(jnp.float32)
+  probs_TxE = jax.nn.softmax(logits, axis=-1)
+  top_p_TxS, experts_TxS = jax.lax.top_k(probs_TxE, slots)
+  active_S = jnp.arange(slots) < k
+  weights_TxS = jnp.where(active_S, top_p_TxS, jnp.float32(eps))
+  if norm_topk_prob:
+    weights_TxS = weights_TxS / jnp.sum(weights_TxS, axis=-1, keepdims=True)
+
+  if token_mask_T is None:
+    token_mask_T = jnp.ones((num_tokens,), jnp.float32)
+  token_mask_T = token_mask_T.astype(jnp.float32)
+  n_tokens = jnp.maximum(jnp.sum(token_mask_T), 1.0)
+  # Load counts only the k active slots, so sum(load) = k * tokens.
+  one_hot_TxSxE = jax.nn.one_hot(experts_TxS, num_experts, dtype=jnp.float32) * active_S[None, :, None]
+  expert_load_E = jnp.einsum("tse,t->e", one_hot_TxSxE, token_mask_T)
+  frac_tokens_E = expert_load_E / n_tokens  # sums to k
+  mean_prob_E = jnp.einsum("te,t->e", probs_TxE, token_mask_T) / n_tokens
+  # Switch-style balance loss E * sum_e f_e P_e, divided by k: equals 1 at perfect balance for every k.
+  lb_loss = num_experts * jnp.sum(frac_tokens_E * mean_prob_E) / k
+  z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * token_mask_T) / n_tokens
+  return Routing(weights_TxS, experts_TxS.astype(jnp.int32), lb_loss, z_loss, expert_load_E)
+
+
+def dense_weights(routing: Routing, num_experts: int) -> jax.Array:
+  """Scatters slot weights into a [T, E] matrix (zero for unrouted experts): the dense reference's view."""
+  one_hot_TxSxE = jax.nn.one_hot(routing.experts_TxS, num_experts, dtype=jnp.float32)
+  return jnp.einsum("tse,ts->te", one_hot_TxSxE, routing.weights_TxS)

@@ -1,0 +1,148 @@
+"""Decoder-only MoE transformer; `k` (the top-k level) is a static argument of every call.
+
+    model = build(cfg)
+    params = model.init(rng, tokens)['params']          # or phds_jax.hf.load(...)
+    logits, aux = model.apply({'params': params}, tokens, k=4)
+    logits, aux, cache = model.apply({'params': params}, tokens, k=4, cache=init_cache(cfg, B, L))
+
+Jit with `static_argnames=('k', 'mode')` (see `jit_forward`): each distinct k compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from phds_jax.models import attention as attn_lib
+from phds_jax.models import router as router_lib
+from phds_jax.models.config import ModelConfig
+from phds_jax.models.layers import MLP, RMSNorm, kernel_init
+from phds_jax.models.moe import MoeBlock
+
+Aux = dict[str, jax.Array]
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) with an MoE or a dense MLP."""
+
+  cfg: ModelConfig
+  is_moe: bool
+
+  @nn.compact
+  def __call__(self, x, positions, mask, *, k, mode, token_mask, cache=None):
+    cfg = self.cfg
+    h, new_cache = attn_lib.Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x), positions,
+                                                        mask, cache)
+    x = x + h
+    h = RMSNorm(cfg, name="post_attn_norm")(x)
+    if self.is_moe:
+      h, routing = MoeBlock(cfg, name="moe")(h, k=k, mode=mode, token_mask_BxT=token_mask)
+    else:
+      b, t, d = h.shape
+      h, routing = MLP(cfg, cfg.dense_ffn, name="mlp")(h.reshape(b * t, d)).reshape(b, t, d), None
+    return x + h, routing, new_cache
+
+
+class Transformer(nn.Module):
+  """The whole causal LM. Returns fp32 logits and aux statistics averaged over MoE layers."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, *, k: int | None = None, mode: str = "hard",
+               positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, cache: attn_lib.KVCache | None = None):
+    """Args:
+      tokens_BxT: int token ids.
+      k: active experts per token (static); default k_pre.
+      mode: router mode, 'hard' (inference, compute ∝ k) or 'soft' (PHDS training, ε-weighted slots).
+      positions: RoPE positions [B, T]; default counts real tokens (left-padding safe), per segment.
+      attention_mask: [B, T] 1 = real token, 0 = padding.
+      segment_ids: [B, T] ids of packed examples; attention never crosses segments.
+      cache: a KVCache to prefill/extend; then the updated cache is returned third.
+    """
+    cfg = self.cfg
+    k = cfg.k_pre if k is None else k
+    router_lib.check_k(k, cfg.num_experts, cfg.k_pre)
+    router_lib.num_slots(k, cfg.k_pre, mode)  # validates mode before tracing the layers
+    b, t = tokens_BxT.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if cache is None:
+      if positions is None:
+        positions = attn_lib.default_positions(attention_mask, segment_ids, (b, t))
+      mask = attn_lib.self_attention_mask(attention_mask, segment_ids, (b, t))
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packing) is not supported together with a KV cache")
+      valid = attention_mask.astype(jnp.int32)
+      if positions is None:
+        positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+      key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid.astype(bool), (0, cache.index))
+      slots = jnp.arange(key_mask.shape[1])
+      causal_TxL = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]
+      mask = key_mask[:, None, :] & causal_TxL[None]
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype, embedding_init=kernel_init, name="embed")
+    x = embed(tokens_BxT)
+    routings, new_k, new_v = [], [], []
+    for i, is_moe in enumerate(cfg.moe_layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      x, routing, kv = DecoderLayer(cfg, is_moe, name=f"layer_{i}")(
+          x, positions, mask, k=k, mode=mode, token_mask=attention_mask, cache=layer_cache)
+      if routing is not None:
+        routings.append(routing)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = RMSNorm(cfg, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, kernel_init=kernel_init, name="lm_head")(x)
+    aux = aux_from_routings(routings, cfg.num_experts)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits, aux
+    new_cache = attn_lib.KVCache(
+        k=tuple(new_k), v=tuple(new_v), key_mask=key_mask,
+        next_pos=cache.next_pos + jnp.sum(valid, axis=1).astype(jnp.int32), index=cache.index + t)
+    return logits, aux, new_cache
+
+
+def aux_from_routings(routings: list[router_lib.Routing], num_experts: int) -> Aux:
+  """Averages the per-layer router losses; stacks per-layer expert loads [L_moe, E]."""
+  if not routings:
+    zero = jnp.zeros((), jnp.float32)
+    return {"lb_loss": zero, "z_loss": zero, "expert_load": jnp.zeros((0, num_experts), jnp.float32)}
+  return {
+      "lb_loss": jnp.mean(jnp.stack([r.lb_loss for r in routings])),
+      "z_loss": jnp.mean(jnp.stack([r.z_loss for r in routings])),
+      "expert_load": jnp.stack([r.expert_load_E for r in routings]),
+  }
+
+
+def build(cfg: ModelConfig) -> Transformer:
+  """The Flax module for `cfg` (pure: parameters live outside, in a pytree)."""
+  return Transformer(cfg)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
+  """Random parameters in the HF init scheme (normal(0.02) kernels, unit norms)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return jax.jit(lambda r: build(cfg).init(r, tokens)["params"])(rng)
+
+
+def jit_forward(cfg: ModelConfig):
+  """`forward(params, tokens, *, k, mode='hard', **kw)`, jitted with k and mode static."""
+  model = build(cfg)
+
+  def forward(params, tokens, *, k: int, mode: str = "hard", **kwargs):
+    return model.apply({"params": params}, tokens, k=k, mode=mode, **kwargs)
+
+  return jax.jit(forward, static_argnames=("k", "mode"))
