@@ -92,9 +92,3 @@ def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard
   lb_loss = num_experts * jnp.sum(frac_tokens_E * mean_prob_E) / k
   z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * token_mask_T) / n_tokens
   return Routing(weights_TxS, experts_TxS.astype(jnp.int32), lb_loss, z_loss, expert_load_E)
-
-
-def dense_weights(routing: Routing, num_experts: int) -> jax.Array:
-  """Scatters slot weights into a [T, E] matrix (zero for unrouted experts): the dense reference's view."""
-  one_hot_TxSxE = jax.nn.one_hot(routing.experts_TxS, num_experts, dtype=jnp.float32)
-  return jnp.einsum("tse,ts->te", one_hot_TxSxE, routing.weights_TxS)

@@ -1,0 +1,64 @@
+r"""One MoE layer forward (hard mode) at k = 1..k_pre: does time fall with k?
+
+    python benchmarks/moe_layer.py                      # CPU: OLMoE layout scaled down (d 512, ffn 256)
+    python benchmarks/moe_layer.py --preset=olmoe       # true OLMoE width: d 2048, 64 experts, ffn 1024
+    python benchmarks/moe_layer.py --preset=qwen        # Qwen1.5-MoE: 60 experts, ffn 1408, shared expert
+
+Prints t(k)/t(k_pre) beside k/k_pre for each gmm implementation, all measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import machine, median_ms
+from phds_jax import models
+from phds_jax.models.moe import MoeBlock
+
+PRESETS = {
+    "cpu": dict(hidden_size=512, num_experts=64, k_pre=8, moe_ffn=256),
+    "olmoe": dict(hidden_size=2048, num_experts=64, k_pre=8, moe_ffn=1024),
+    "qwen": dict(model_type="qwen2_moe", hidden_size=2048, num_experts=60, k_pre=4, moe_ffn=1408,
+                 shared_ffn=5632, qkv_bias=True),
+}
+
+
+def layer_times(cfg: models.ModelConfig, tokens: int, impls: list[str]) -> dict[str, list[float]]:
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, tokens, cfg.hidden_size), cfg.compute_dtype)
+  params = MoeBlock(cfg).init(jax.random.PRNGKey(1), x[:, :8], k=1, mode="hard")["params"]
+  out = {}
+  for impl in impls:
+    block = MoeBlock(cfg.replace(gmm_impl=impl))
+    fwd = jax.jit(lambda p, x, k: block.apply({"params": p}, x, k=k, mode="hard")[0], static_argnums=2)
+    out[impl] = [median_ms(fwd, params, x, k) for k in range(1, cfg.k_pre + 1)]
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
+  parser.add_argument("--impls", nargs="+", default=["jax", "ragged_dot"])
+  parser.add_argument("--dtype", default="float32")
+  args = parser.parse_args()
+  preset = dict(PRESETS[args.preset])
+  cfg = models.ModelConfig(**{**dict(model_type="olmoe", vocab_size=8, num_layers=1, num_heads=1,
+                                      num_kv_heads=1, head_dim=2), **preset},
+                           dtype=args.dtype, param_dtype=args.dtype)
+  print(f"# {machine()}")
+  print(f"# MoE layer forward, hard mode, preset={args.preset} d={cfg.hidden_size} E={cfg.num_experts} "
+        f"ffn={cfg.moe_ffn} shared={cfg.shared_ffn} dtype={args.dtype}")
+  for tokens in args.tokens:
+    times = layer_times(cfg, tokens, args.impls)
+    header = " ".join(f"{impl + ' ms':>14} {'t/t_pre':>8}" for impl in args.impls)
+    print(f"\ntokens={tokens}\n{'k':>3} {'k/k_pre':>8} {header}")
+    for i in range(cfg.k_pre):
+      cols = " ".join(f"{times[impl][i]:>14.2f} {times[impl][i] / times[impl][-1]:>8.2f}" for impl in args.impls)
+      print(f"{i + 1:>3} {(i + 1) / cfg.k_pre:>8.2f} {cols}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,551 @@
+"""Hugging Face checkpoint interop for OLMoE, Qwen1.5-MoE (`qwen2_moe`) and Qwen3-MoE.
+
+`load` turns a transformers checkpoint directory (config.json + safetensors, single or sharded) into our
+`ModelConfig` and Flax parameter tree; `save` writes the reverse, in the per-expert key layout that
+`AutoModelForCausalLM.from_pretrained` reads. Both stream tensor by tensor so that a 7B model never exists
+twice in host memory.
+
+Every parameter leaf is described by a list of `_Piece`s: which HF tensor fills which slice of the leaf and
+how it is transposed. That one table drives loading, saving and validation, so the three cannot disagree.
+
+Dtypes: `load` gives float32 parameters unless `dtype` is passed (the checkpoint's own dtype is not used,
+because training wants float32 master weights); `save` keeps the parameters' dtype (or `dtype`) and writes it
+into config.json as `dtype`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from phds_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+LeafPath = tuple[str, ...]
+
+_ARCHITECTURES = {"olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
+_QK_NORM = {"olmoe": "full", "qwen2_moe": "none", "qwen3_moe": "per_head"}
+# Keys `config_from_hf` turns into ModelConfig fields (or derives): everything else goes to `hf_extra_json`.
+_CONSUMED = {
+    "model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob", "rms_norm_eps",
+    "tie_word_embeddings", "max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
+    "hidden_act", "layer_types",
+}
+_FAMILY_CONSUMED = {
+    "olmoe": {"intermediate_size", "attention_bias", "clip_qkv"},
+    "qwen2_moe": {"moe_intermediate_size", "shared_expert_intermediate_size", "qkv_bias", "mlp_only_layers",
+                  "decoder_sparse_step"},
+    "qwen3_moe": {"moe_intermediate_size", "attention_bias", "mlp_only_layers", "decoder_sparse_step"},
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                    "chat_template.json", "generation_config.json")
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be read or written; the message names the tensor and file."""
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def _moe_pattern(num_layers: int, mlp_only: list[int], step: int) -> tuple[bool, ...]:
+  """transformers' rule for which decoder layers hold a sparse MoE block (Qwen families)."""
+  return tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers))
+
+
+def _check_supported(d: dict) -> None:
+  """Rejects HF features our model does not implement, rather than silently computing something else."""
+  mt = d["model_type"]
+  if d.get("use_sliding_window"):
+    raise ConfigError(f"{mt}: use_sliding_window=true is not supported (full causal attention only)")
+  if any(t != "full_attention" for t in d.get("layer_types") or ()):
+    raise ConfigError(f"{mt}: layer_types {d['layer_types']} not supported (full attention only)")
+  if d.get("hidden_act", "silu") != "silu":
+    raise ConfigError(f"{mt}: hidden_act {d['hidden_act']!r} is not supported (silu only)")
+  for name in ("rope_parameters", "rope_scaling"):
+    rope = d.get(name)
+    if rope is None:
+      continue
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    unknown = set(rope) - {"rope_type", "type", "rope_theta"}
+    if rope_type != "default" or unknown:
+      raise ConfigError(f"{mt}: {name}={rope} is not supported (only default RoPE, no scaling)")
+
+
+def config_from_hf(d: dict, **overrides) -> ModelConfig:
+  """A ModelConfig from a transformers config.json dict; fields we do not model go to `hf_extra_json`.
+
+  `param_dtype` is float32 unless overridden (the checkpoint's dtype is ignored, see module docstring).
+  """
+  mt = d.get("model_type")
+  if mt is None:
+    raise ConfigError("config has no 'model_type'")
+  if mt not in SUPPORTED_MODEL_TYPES:
+    raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+  _check_supported(d)
+
+  def need(key: str) -> Any:
+    if d.get(key) is None:
+      raise ConfigError(f"{mt} config is missing {key!r}")
+    return d[key]
+
+  hidden, heads, layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+  head_dim = d.get("head_dim") or hidden // heads
+  if mt == "olmoe" and head_dim * heads != hidden:
+    raise ConfigError(f"olmoe needs head_dim * num_attention_heads == hidden_size, got {head_dim}*{heads}")
+  num_experts = d.get("num_experts", d.get("num_local_experts"))
+  if num_experts is None:
+    raise ConfigError(f"{mt} config is missing 'num_experts' (or 'num_local_experts')")
+  rope = d.get("rope_parameters") or {}
+  fields: dict[str, Any] = dict(
+      model_type=mt, vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers,
+      num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+      num_experts=num_experts, k_pre=need("num_experts_per_tok"),
+      norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=_QK_NORM[mt],
+      rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+      rms_eps=float(d.get("rms_norm_eps", 1e-5 if mt == "olmoe" else 1e-6)),
+      tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+      max_position_embeddings=int(d.get("max_position_embeddings", 4096)))
+  consumed = _CONSUMED | _FAMILY_CONSUMED[mt]
+  if mt == "olmoe":
+    bias = bool(d.get("attention_bias", False))
+    fields.update(moe_ffn=need("intermediate_size"), qkv_bias=bias, o_bias=bias, clip_qkv=d.get("clip_qkv"))
+  else:
+    step = int(d.get("decoder_sparse_step") or 1)
+    if step < 1:
+      raise ConfigError(f"{mt}: decoder_sparse_step must be >= 1, got {step}")
+    moe_layers = _moe_pattern(layers, list(d.get("mlp_only_layers") or []), step)
+    bias = bool(d.get("qkv_bias", True)) if mt == "qwen2_moe" else bool(d.get("attention_bias", False))
+    fields.update(moe_ffn=need("moe_intermediate_size"), moe_layers=moe_layers, qkv_bias=bias,
+                  o_bias=bias and mt == "qwen3_moe")
+    if not all(moe_layers):
+      fields["dense_ffn"] = need("intermediate_size")
+      consumed = consumed | {"intermediate_size"}
+    if mt == "qwen2_moe":
+      fields["shared_ffn"] = need("shared_expert_intermediate_size")
+  extra = {key: value for key, value in d.items() if key not in consumed}
+  fields["hf_extra_json"] = json.dumps(extra, sort_keys=True)
+  return ModelConfig(**{**fields, **overrides})
+
+
+def _check_expressible(cfg: ModelConfig) -> None:
+  """Our config can mix features freely; each HF family fixes some of them."""
+  mt = cfg.model_type
+
+  def need(cond: bool, msg: str) -> None:
+    if not cond:
+      raise ConfigError(f"cannot express this config as HF {mt}: {msg}")
+
+  need(mt in _ARCHITECTURES, f"unknown model_type {mt!r}")
+  need(cfg.qk_norm == _QK_NORM[mt], f"{mt} needs qk_norm={_QK_NORM[mt]!r}, got {cfg.qk_norm!r}")
+  need(mt == "olmoe" or cfg.clip_qkv is None, "clip_qkv is OLMoE-only")
+  need((cfg.shared_ffn > 0) == (mt == "qwen2_moe"), f"shared_ffn={cfg.shared_ffn} (only qwen2_moe has one)")
+  if mt == "qwen2_moe":
+    need(not cfg.o_bias, "qwen2_moe has no o_proj bias")
+  else:
+    need(cfg.qkv_bias == cfg.o_bias, "attention_bias covers q, k, v and o alike")
+  if mt == "olmoe":
+    need(all(cfg.moe_layers), "olmoe has no dense layers")
+    need(cfg.head_dim * cfg.num_heads == cfg.hidden_size, "olmoe needs head_dim * num_heads == hidden_size")
+
+
+def _qwen_layout(moe_layers: tuple[bool, ...]) -> tuple[list[int], int]:
+  """(mlp_only_layers, decoder_sparse_step) reproducing `moe_layers`, preferring the canonical forms."""
+  n = len(moe_layers)
+  for step in range(1, n + 1):
+    if _moe_pattern(n, [], step) == moe_layers:
+      return [], step
+  return [i for i, is_moe in enumerate(moe_layers) if not is_moe], 1
+
+
+def config_to_hf(cfg: ModelConfig, k: int | None = None) -> dict:
+  """The transformers config.json dict for `cfg`; `k` (default `cfg.k_pre`) becomes num_experts_per_tok."""
+  _check_expressible(cfg)
+  k = cfg.k_pre if k is None else int(k)
+  if not 1 <= k <= cfg.num_experts:
+    raise ConfigError(f"k={k} must be in [1, num_experts={cfg.num_experts}]")
+  mt = cfg.model_type
+  d = json.loads(cfg.hf_extra_json)
+  d.update(
+      architectures=[_ARCHITECTURES[mt]], model_type=mt, dtype=cfg.param_dtype, vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, num_experts=cfg.num_experts, num_experts_per_tok=k,
+      norm_topk_prob=cfg.norm_topk_prob, rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_position_embeddings, hidden_act="silu", rope_theta=cfg.rope_theta,
+      rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"})
+  if mt == "qwen3_moe" or cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+    d["head_dim"] = cfg.head_dim
+  if mt == "olmoe":
+    d.update(intermediate_size=cfg.moe_ffn, attention_bias=cfg.qkv_bias, clip_qkv=cfg.clip_qkv)
+    return d
+  mlp_only, step = _qwen_layout(cfg.moe_layers)
+  d.update(moe_intermediate_size=cfg.moe_ffn, mlp_only_layers=mlp_only, decoder_sparse_step=step)
+  if cfg.dense_ffn:
+    d["intermediate_size"] = cfg.dense_ffn
+  if mt == "qwen2_moe":
+    d.update(qkv_bias=cfg.qkv_bias, shared_expert_intermediate_size=cfg.shared_ffn)
+  else:
+    d["attention_bias"] = cfg.qkv_bias
+  return d
+
+
+# ------------------------------------------------------------------------------------------ layout table
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  """One HF tensor that fills `leaf[index]` after `np.transpose(tensor, perm)`."""
+
+  key: str
+  shape: tuple[int, ...]  # HF shape
+  index: tuple = ()
+  perm: tuple[int, ...] | None = None
+
+
+_T = (1, 0)  # torch Linear [out, in] <-> our kernel [in, out]
+_ET = (0, 2, 1)  # fused expert stacks [E, out, in] <-> [E, in, out]
+_ALL = slice(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  shape: tuple[int, ...]
+  pieces: tuple[_Piece, ...]
+
+
+def _linear(specs: dict, path: LeafPath, key: str, din: int, dout: int, bias: bool = False) -> None:
+  specs[(*path, "kernel")] = _Leaf((din, dout), (_Piece(f"{key}.weight", (dout, din), perm=_T),))
+  if bias:
+    specs[(*path, "bias")] = _Leaf((dout,), (_Piece(f"{key}.bias", (dout,)),))
+
+
+def _vector(specs: dict, path: LeafPath, key: str, n: int) -> None:
+  specs[path] = _Leaf((n,), (_Piece(key, (n,)),))
+
+
+def _glu(specs: dict, path: LeafPath, key: str, d: int, f: int) -> None:
+  """A SwiGLU MLP: wi [D, 2F] = [gate | up] columns, wo [F, D]."""
+  specs[(*path, "wi")] = _Leaf((d, 2 * f), (
+      _Piece(f"{key}.gate_proj.weight", (f, d), (_ALL, slice(0, f)), _T),
+      _Piece(f"{key}.up_proj.weight", (f, d), (_ALL, slice(f, 2 * f)), _T)))
+  specs[(*path, "wo")] = _Leaf((f, d), (_Piece(f"{key}.down_proj.weight", (d, f), perm=_T),))
+
+
+def _experts(specs: dict, path: LeafPath, key: str, e: int, d: int, f: int, fused: bool) -> None:
+  """Routed experts, from per-expert Linear weights or from transformers' fused in-memory stacks."""
+  if fused:
+    wi = (_Piece(f"{key}.gate_up_proj", (e, 2 * f, d), perm=_ET),)
+    wo = (_Piece(f"{key}.down_proj", (e, d, f), perm=_ET),)
+  else:
+    wi = tuple(p for i in range(e) for p in (
+        _Piece(f"{key}.{i}.gate_proj.weight", (f, d), (i, _ALL, slice(0, f)), _T),
+        _Piece(f"{key}.{i}.up_proj.weight", (f, d), (i, _ALL, slice(f, 2 * f)), _T)))
+    wo = tuple(_Piece(f"{key}.{i}.down_proj.weight", (d, f), (i,), _T) for i in range(e))
+  specs[(*path, "wi")] = _Leaf((e, d, 2 * f), wi)
+  specs[(*path, "wo")] = _Leaf((e, f, d), wo)
+
+
+def param_specs(cfg: ModelConfig, fused_layers: frozenset[int] | set[int] = frozenset()) -> dict[LeafPath, _Leaf]:
+  """Our parameter leaves, in HF file order, each with the HF tensors it is made of."""
+  d, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+  q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  specs: dict[LeafPath, _Leaf] = {}
+  specs[("embed", "embedding")] = _Leaf((v, d), (_Piece("model.embed_tokens.weight", (v, d)),))
+  for i in range(cfg.num_layers):
+    lp, key = f"layer_{i}", f"model.layers.{i}"
+    a = f"{key}.self_attn"
+    _vector(specs, (lp, "input_norm", "scale"), f"{key}.input_layernorm.weight", d)
+    _linear(specs, (lp, "attn", "q_proj"), f"{a}.q_proj", d, q_out, cfg.qkv_bias)
+    _linear(specs, (lp, "attn", "k_proj"), f"{a}.k_proj", d, kv_out, cfg.qkv_bias)
+    _linear(specs, (lp, "attn", "v_proj"), f"{a}.v_proj", d, kv_out, cfg.qkv_bias)
+    _linear(specs, (lp, "attn", "o_proj"), f"{a}.o_proj", q_out, d, cfg.o_bias)
+    if cfg.qk_norm != "none":
+      full = cfg.qk_norm == "full"
+      _vector(specs, (lp, "attn", "q_norm", "scale"), f"{a}.q_norm.weight", q_out if full else hd)
+      _vector(specs, (lp, "attn", "k_norm", "scale"), f"{a}.k_norm.weight", kv_out if full else hd)
+    _vector(specs, (lp, "post_attn_norm", "scale"), f"{key}.post_attention_layernorm.weight", d)
+    if not cfg.moe_layers[i]:
+      _glu(specs, (lp, "mlp"), f"{key}.mlp", d, cfg.dense_ffn)
+      continue
+    _linear(specs, (lp, "moe", "router"), f"{key}.mlp.gate", d, cfg.num_experts)
+    _experts(specs, (lp, "moe"), f"{key}.mlp.experts", cfg.num_experts, d, cfg.moe_ffn, i in fused_layers)
+    if cfg.shared_ffn:
+      _glu(specs, (lp, "moe", "shared"), f"{key}.mlp.shared_expert", d, cfg.shared_ffn)
+      _linear(specs, (lp, "moe", "shared_gate"), f"{key}.mlp.shared_expert_gate", d, 1)
+  _vector(specs, ("final_norm", "scale"), "model.norm.weight", d)
+  if not cfg.tie_embeddings:
+    _linear(specs, ("lm_head",), "lm_head", d, v)
+  return specs
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class _Reader:
+  """Lazily opened safetensors files of one checkpoint, addressed by tensor name."""
+
+  def __init__(self, root: Path):
+    self.root = root
+    self.key_file = _key_files(root)
+    self._handles: dict[str, Any] = {}
+
+  def _open(self, key: str):
+    name = self.key_file[key]
+    if name not in self._handles:
+      if not (self.root / name).is_file():
+        raise CheckpointError(f"tensor {key!r}: file {self.root / name} listed in {_INDEX} does not exist")
+      self._handles[name] = safe_open(str(self.root / name), framework="numpy")
+    return self._handles[name]
+
+  def where(self, key: str) -> str:
+    return str(self.root / self.key_file[key])
+
+  def header(self, key: str) -> tuple[str, tuple[int, ...]]:
+    sl = self._open(key).get_slice(key)
+    return sl.get_dtype(), tuple(sl.get_shape())
+
+  def get(self, key: str) -> np.ndarray:
+    return self._open(key).get_tensor(key)
+
+  def close(self) -> None:
+    for handle in self._handles.values():
+      handle.__exit__(None, None, None)
+    self._handles.clear()
+
+
+def _key_files(root: Path) -> dict[str, str]:
+  """tensor name -> file name, from the shard index or the single safetensors file."""
+  if (root / _INDEX).is_file():
+    return dict(json.loads((root / _INDEX).read_text())["weight_map"])
+  if (root / _SINGLE).is_file():
+    with safe_open(str(root / _SINGLE), framework="numpy") as f:
+      return {key: _SINGLE for key in f.keys()}
+  if list(root.glob("pytorch_model*.bin")) or (root / "pytorch_model.bin.index.json").exists():
+    raise CheckpointError(f"{root} holds only PyTorch .bin weights; only safetensors checkpoints are supported "
+                          "(re-save with transformers' save_pretrained(safe_serialization=True))")
+  raise CheckpointError(f"{root}: no {_SINGLE} or {_INDEX} found")
+
+
+def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+  """The ModelConfig of the HF checkpoint directory `path` (errors name the config file)."""
+  file = Path(path) / "config.json"
+  if not file.is_file():
+    raise CheckpointError(f"{file} not found: not a Hugging Face checkpoint directory")
+  try:
+    return config_from_hf(json.loads(file.read_text()), **overrides)
+  except ConfigError as e:
+    raise ConfigError(f"{file}: {e}") from e
+
+
+def _validate(specs: dict[LeafPath, _Leaf], reader: _Reader, cfg: ModelConfig, strict: bool) -> None:
+  """Checks names, shapes and dtypes from the headers alone, before any tensor data is read."""
+  wanted = [p for leaf in specs.values() for p in leaf.pieces]
+  missing = [p.key for p in wanted if p.key not in reader.key_file]
+  if missing:
+    raise CheckpointError(f"{reader.root}: missing tensor {missing[0]!r}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  for p in wanted:
+    dtype, shape = reader.header(p.key)
+    if shape != p.shape:
+      raise CheckpointError(f"tensor {p.key!r} in {reader.where(p.key)}: expected shape {p.shape}, got {shape}")
+    if not (dtype.startswith("F") or dtype == "BF16"):  # F16/F32/F64/F8_*, BF16; not I*/U*/BOOL
+      raise CheckpointError(f"tensor {p.key!r} in {reader.where(p.key)}: dtype {dtype} is not floating point")
+  used = {p.key for p in wanted}
+  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  unused = sorted(k for k in reader.key_file
+                  if k not in used and k not in ignorable and not k.endswith("rotary_emb.inv_freq"))
+  if unused:
+    msg = f"{reader.root}: {len(unused)} tensor(s) not used by {cfg.model_type}: {', '.join(unused[:20])}"
+    if strict:
+      raise CheckpointError(msg)
+    log.warning(msg)
+
+
+def load(path: str | os.PathLike, dtype: Any = None, *, strict: bool = False, progress: bool = False,
+         **config_overrides) -> tuple[ModelConfig, Params]:
+  """Reads an HF checkpoint directory into (ModelConfig, params) with params of `dtype` (default float32).
+
+  Each leaf is assembled on the host in the target dtype, moved to a jax array, and its host copy dropped.
+  Expert weights may be per-expert tensors or transformers' fused stacks (detected per layer). Tensors that
+  the model does not use are logged as a warning, or raise with `strict=True`.
+  """
+  root = Path(path)
+  target = jnp.dtype(dtype or "float32")
+  cfg = read_config(root, **config_overrides).replace(param_dtype=target.name)
+  reader = _Reader(root)
+  fused = {i for i in range(cfg.num_layers) if f"model.layers.{i}.mlp.experts.gate_up_proj" in reader.key_file}
+  specs = param_specs(cfg, fused)
+  flat: dict[LeafPath, jax.Array] = {}
+  with contextlib.closing(reader), tqdm(total=sum(len(l.pieces) for l in specs.values()), desc="loading",
+                                        unit="tensor", disable=not progress) as bar:
+    _validate(specs, reader, cfg, strict)
+    for leaf_path, leaf in specs.items():
+      host = np.empty(leaf.shape, target)
+      for p in leaf.pieces:
+        tensor = reader.get(p.key)
+        host[p.index] = tensor if p.perm is None else np.transpose(tensor, p.perm)
+        del tensor
+        bar.update()
+      flat[leaf_path] = jnp.asarray(host)
+      del host
+  return cfg, traverse_util.unflatten_dict(flat)
+
+
+def load_tokenizer(path: str | os.PathLike) -> tokenizers.Tokenizer:
+  """The fast tokenizer of a checkpoint directory (or a tokenizer.json path)."""
+  file = Path(path)
+  if file.is_dir():
+    file = file / "tokenizer.json"
+  if not file.is_file():
+    raise CheckpointError(f"{file} not found: a tokenizer.json (fast tokenizer) is required")
+  return tokenizers.Tokenizer.from_file(str(file))
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def _weights_dtype(flat: dict[LeafPath, Any], dtype: Any) -> jnp.dtype:
+  """The dtype the file (and config.json) will carry: `dtype`, else the embedding's."""
+  out = jnp.dtype(dtype if dtype is not None else flat[("embed", "embedding")].dtype)
+  if out.name not in ("float32", "bfloat16", "float16"):
+    raise CheckpointError(f"cannot save weights as {out.name}; use float32, bfloat16 or float16")
+  return out
+
+
+def _check_tree(flat: dict[LeafPath, Any], specs: dict[LeafPath, _Leaf]) -> None:
+  """Every expected leaf present with its shape, and nothing else (which `save` would silently drop)."""
+  for path, leaf in specs.items():
+    if path not in flat:
+      raise CheckpointError(f"params lack leaf {'/'.join(path)}")
+    if tuple(flat[path].shape) != leaf.shape:
+      raise CheckpointError(f"param {'/'.join(path)}: expected shape {leaf.shape}, got {tuple(flat[path].shape)}")
+  extra = sorted("/".join(p) for p in flat if p not in specs)
+  if extra:
+    raise CheckpointError(f"params have leaves the HF layout has no place for: {', '.join(extra[:10])}")
+
+
+def _plan_shards(pieces: list[tuple[LeafPath, _Piece]], itemsize: int,
+                 max_bytes: int) -> list[list[tuple[LeafPath, _Piece]]]:
+  """Greedy shards in file order; a tensor larger than `max_bytes` gets a shard of its own."""
+  shards: list[list[tuple[LeafPath, _Piece]]] = [[]]
+  size = 0
+  for item in pieces:
+    nbytes = int(np.prod(item[1].shape)) * itemsize
+    if shards[-1] and size + nbytes > max_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += nbytes
+  return shards
+
+
+def _host_tensors(flat: dict[LeafPath, Any], shard: list[tuple[LeafPath, _Piece]], dtype: jnp.dtype,
+                  bar: tqdm) -> Iterator[tuple[str, np.ndarray]]:
+  """HF tensors of one shard; one parameter leaf at a time is copied to the host."""
+  cached_path, host = None, None
+  for leaf_path, p in shard:
+    if leaf_path != cached_path:  # pieces of a leaf are contiguous: keep one leaf on the host at a time
+      cached_path, host = leaf_path, None  # drop the previous leaf before fetching the next
+      host = np.asarray(jax.device_get(flat[leaf_path]))
+    part = host[p.index]
+    if p.perm is not None:
+      part = np.transpose(part, np.argsort(p.perm))
+    bar.update()
+    yield p.key, np.ascontiguousarray(part, dtype=dtype)
+
+
+def _generation_config(hf: dict) -> dict:
+  out = {key: hf[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(key) is not None}
+  return {"_from_model_config": True, **out}
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+  """Puts the finished `tmp` at `dst` by renames, so `dst` is never a half-written checkpoint."""
+  if dst.exists() and any(dst.iterdir()):
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old)
+  else:
+    if dst.exists():
+      dst.rmdir()
+    os.rename(tmp, dst)
+
+
+def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, k: int | None = None, *,
+         max_shard_bytes: int = 5 * 2**30, tokenizer_dir: str | os.PathLike | None = None,
+         overwrite: bool = False, dtype: Any = None, progress: bool = False) -> Path:
+  """Writes an HF checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+  Weights keep their dtype unless `dtype` is given (cast tensor by tensor); `k` sets num_experts_per_tok.
+  Shards are built and written one at a time into a temporary sibling directory that is renamed into place
+  at the end. Tokenizer files (and generation_config.json) are copied from `tokenizer_dir` if given.
+  """
+  dst = Path(path).absolute()
+  if dst.exists() and not dst.is_dir():
+    raise FileExistsError(f"{dst} exists and is not a directory")
+  if dst.exists() and any(dst.iterdir()) and not overwrite:
+    raise FileExistsError(f"{dst} exists and is not empty; pass overwrite=True to replace it")
+  if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+    raise CheckpointError(f"tokenizer_dir {tokenizer_dir} is not a directory")
+  specs = param_specs(cfg)
+  flat = traverse_util.flatten_dict(params)
+  _check_tree(flat, specs)
+  wdtype = _weights_dtype(flat, dtype)
+  cfg = cfg.replace(param_dtype=wdtype.name)
+  hf_config = config_to_hf(cfg, k)
+  pieces = [(leaf_path, p) for leaf_path, leaf in specs.items() for p in leaf.pieces]
+  shards = _plan_shards(pieces, wdtype.itemsize, max_shard_bytes)
+  names = ([_SINGLE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+  try:
+    weight_map: dict[str, str] = {}
+    with tqdm(total=len(pieces), desc="saving", unit="tensor", disable=not progress) as bar:
+      for name, shard in zip(names, shards):
+        tensors = dict(_host_tensors(flat, shard, wdtype, bar))
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update((key, name) for key in tensors)
+        del tensors
+    if len(shards) > 1:
+      total = sum(int(np.prod(p.shape)) * wdtype.itemsize for _, p in pieces)
+      index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+      (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
+      if (Path(tokenizer_dir) / name).is_file():
+        shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    if not (tmp / "generation_config.json").exists():
+      (tmp / "generation_config.json").write_text(json.dumps(_generation_config(hf_config), indent=2) + "\n")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    _commit(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return dst
