@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "matplotlib>=3.9",
     "numpy>=2.0",
+    "jinja2>=3.1.6",  # chat templates, rendered as transformers renders them
+    "pyarrow>=15",  # parquet sources
+    "importlib_resources>=6",  # tensorflow-datasets needs it to prepare datasets but does not declare it
 ]
 
 EXTRAS_REQUIRE = {
