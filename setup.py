@@ -38,7 +38,7 @@ setup(
     description="MoE-PHDS in JAX/Flax: one Mixture-of-Experts checkpoint served at any top-k.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["phds_jax", "phds_jax.*"]),
+    packages=find_packages(include=["phds_jax", "phds_jax.*", "configs"]),
     package_data={"phds_jax": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.11",

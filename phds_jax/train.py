@@ -1,0 +1,55 @@
+r"""PHDS fine-tuning: one checkpoint that runs at every k.
+
+    python -m phds_jax.train --config=configs/demo.py                 # offline demo, CPU, minutes
+    python -m phds_jax.train --config=configs/olmoe.py --config.init.path=/ckpt/OLMoE-1B-7B-0125 \
+        --config.data.path=/data/tulu3.jsonl --workdir=runs/olmoe-phds
+    python -m phds_jax.train --config=configs/olmoe.py:tiny ...        # a small variant for smoke runs
+
+Re-running with the same --workdir resumes from its latest complete checkpoint.
+"""
+
+import logging as py_logging
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from phds_jax.training.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots); default runs/<name>-<time>.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, multi-node GPU).")
+flags.mark_flags_as_required(["config"])
+
+
+class _OnlyOurInfo(py_logging.Filter):
+  """Keeps INFO lines from phds_jax and warnings from everyone (orbax and friends log a lot at INFO)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "phds_jax" in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  logging.info("workdir: %s | devices: %s", workdir, jax.devices())
+  result = train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    print(f"\nworkdir: {result.workdir}")
+    if result.heldout_loss_by_k:
+      print(f"{'k':>3} {'held-out loss':>14}")
+      for k, loss in sorted(result.heldout_loss_by_k.items()):
+        print(f"{k:>3} {loss:>14.4f}")
+    if result.hf_dir:
+      print(f"HF checkpoint: {result.hf_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
