@@ -1,0 +1,79 @@
+"""Evaluate one checkpoint at several top-k: `python -m phds_jax.eval --checkpoint=DIR --tasks=... --out=DIR`.
+
+--checkpoint is a Hugging Face directory (config.json + safetensors + tokenizer.json) or a phds_jax params
+checkpoint (model_config.json + params/; pass --tokenizer unless tokenizer.json sits beside it). Task specs:
+NAME (tfds under --data_dir), NAME:PATH (local JSONL/parquet), jsonl:PATH (generic multiple choice),
+ppl:PATH (perplexity); see phds_jax/evaluation/tasks.py. Writes OUT/results.json, results.md, samples/, plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
+  """Defines the CLI flags on `fv` (only when run as a script, so importing this module defines nothing and
+  cannot clash with other entry points' flags in one process; tests pass a fresh FlagValues)."""
+  kw = {"flag_values": fv}
+  flags.DEFINE_string("checkpoint", None, "HF checkpoint dir or phds_jax params checkpoint dir.", required=True,
+                      **kw)
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json file or directory (default: the checkpoint's).", **kw)
+  flags.DEFINE_list("tasks", ["arc_easy"], "Comma-separated task specs.", **kw)
+  flags.DEFINE_list("ks", None, "Top-k levels to evaluate (default 1..k_pre).", **kw)
+  flags.DEFINE_integer("limit", None, "Evaluate the first N documents of each task.", **kw)
+  flags.DEFINE_integer("batch_size", 8, "Rows per model call.", **kw)
+  flags.DEFINE_integer("max_length", None, "Longest scored window (default: max_position_embeddings).", **kw)
+  flags.DEFINE_integer("min_bucket", 16, "Shortest padded length (powers of two above it; fewer compiles).", **kw)
+  flags.DEFINE_string("out", None, "Output directory.", required=True, **kw)
+  flags.DEFINE_string("data_dir", None, "tfds data_dir holding prepared datasets.", **kw)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter and compute dtype.", **kw)
+  flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples for the CIs.", **kw)
+  flags.DEFINE_integer("seed", 0, "Bootstrap seed.", **kw)
+  flags.DEFINE_integer("max_new_tokens", 32, "Generation length limit (TriviaQA).", **kw)
+  flags.DEFINE_bool("plots", True, "Write PNG plots.", **kw)
+  return fv
+
+
+def load_model(checkpoint: str, tokenizer: str | None = None, dtype: str | None = None):
+  """(cfg, params, tokenizers.Tokenizer) from either checkpoint kind; `dtype` sets param and compute dtype."""
+  from phds_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax import hf  # pylint: disable=g-import-not-at-top
+  root = Path(checkpoint)
+  if (root / ckpt_lib.CONFIG_FILE).is_file():
+    cfg, params = ckpt_lib.load_params(root, dtype=dtype)
+  elif (root / "config.json").is_file():
+    cfg, params = hf.load(root, dtype=dtype)
+  else:
+    raise app.UsageError(f"{root}: neither a HF checkpoint (config.json) nor a params checkpoint "
+                         f"({ckpt_lib.CONFIG_FILE})")
+  if dtype:
+    cfg = cfg.replace(dtype=dtype)
+  return cfg, params, hf.load_tokenizer(tokenizer or root)
+
+
+def run(fv: flags.FlagValues = FLAGS):
+  """Loads the checkpoint named by the parsed flags `fv`, evaluates it and writes --out; returns EvalResults."""
+  from phds_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  cfg, params, tokenizer = load_model(fv.checkpoint, fv.tokenizer, fv.dtype)
+  ks = [int(k) for k in fv.ks] if fv.ks else None
+  return evaluate(cfg, params, tokenizer, fv.tasks, ks, limit=fv.limit, batch_size=fv.batch_size,
+                  max_length=fv.max_length, min_bucket=fv.min_bucket, data_dir=fv.data_dir, out_dir=fv.out,
+                  n_boot=fv.n_boot, seed=fv.seed, max_new_tokens=fv.max_new_tokens, plots=fv.plots,
+                  meta={"checkpoint": str(Path(fv.checkpoint).absolute())})
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(FLAGS)
+  logging.info("wrote %s", FLAGS.out)
+  print((Path(FLAGS.out) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
