@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
       on_error="raise", overlong="truncate", packing="first_fit", num_threads=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=200, batches=8, ks=()))  # ks () = K_train ∪ {k_pre}
+  c.eval = ml_collections.ConfigDict(dict(every_steps=200, batches=8, ks=()))  # ks () = 1..k_pre ∪ K_train
   c.final_eval = ml_collections.ConfigDict(dict(tasks=(), limit=0, batch_size=16))  # MC tasks per k at the end
   c.export = ml_collections.ConfigDict(dict(hf=True, orbax=True))
   c.peak_tflops = 0.0  # per-device peak for MFU (0 = look up by device kind)

@@ -30,10 +30,10 @@ def get_config(arg: str | None = None):
   c.schedule.update(dict(mode="fixed", k_train=(4,), anchor=0))
   c.loss.lb_coef = 0.01  # keeps experts in use, as OLMoE's pretraining does
   c.optimizer.update(dict(lr=3e-3, warmup_steps=50, decay="cosine", final_lr_fraction=0.1, weight_decay=0.01))
-  c.num_steps = 600
+  c.num_steps = 500
   c.batch_size = 16
   c.data.update(dict(path=os.path.join(ASSETS, "demo_corpus", "pretrain.jsonl"), format="text", max_len=256,
                      validation_fraction=0.02))
-  c.checkpoint.every_steps = 200
-  c.eval.update(dict(every_steps=200, batches=4))
+  c.checkpoint.every_steps = 250
+  c.eval.update(dict(every_steps=250, batches=4))
   return c

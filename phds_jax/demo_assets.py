@@ -129,7 +129,8 @@ def make_sft_data(sents: list[str], out_dir: str, seed: int = 0, num_choices: in
     others = [endings[j] for j in rng.permutation(len(held)) if j != i and endings[j] != b][:num_choices - 1]
     gold = int(rng.integers(num_choices))
     choices = others[:gold] + [b] + others[gold:]
-    mc.append({"context": f"<|user|>\nComplete: {a}\n<|assistant|>\n", "choices": choices, "gold": gold})
+    mc.append({"context": f"<|user|>\nComplete: {a}\n<|assistant|>\n", "choices": choices, "gold": gold,
+               "target_delimiter": ""})
   return {"train": _write_jsonl(os.path.join(out_dir, "train.jsonl"), chats),
           "mc_eval": _write_jsonl(os.path.join(out_dir, "mc_eval.jsonl"), mc)}
 

@@ -32,6 +32,19 @@ class _OnlyOurInfo(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "phds_jax" in record.pathname
 
 
+def per_k_table(result) -> str:
+  """k | held-out loss | each final-eval task's primary metric."""
+  ks = sorted(set(result.heldout_loss_by_k) | {k for v in result.accuracy_by_k.values() for k in v})
+  tasks = sorted(result.accuracy_by_k)
+  lines = [" | ".join(["  k", "held-out loss"] + tasks)]
+  for k in ks:
+    loss = result.heldout_loss_by_k.get(k)
+    cells = [f"{k:>3}", f"{loss:>13.4f}" if loss is not None else f"{'-':>13}"]
+    cells += [f"{result.accuracy_by_k[t].get(k, float('nan')):>{len(t)}.3f}" for t in tasks]
+    lines.append(" | ".join(cells))
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
@@ -43,10 +56,7 @@ def main(argv):
   result = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     print(f"\nworkdir: {result.workdir}")
-    if result.heldout_loss_by_k:
-      print(f"{'k':>3} {'held-out loss':>14}")
-      for k, loss in sorted(result.heldout_loss_by_k.items()):
-        print(f"{k:>3} {loss:>14.4f}")
+    print(per_k_table(result))
     if result.hf_dir:
       print(f"HF checkpoint: {result.hf_dir}")
 

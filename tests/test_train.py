@@ -106,16 +106,17 @@ def test_step_loss_equals_direct_per_k_loss():
   np.testing.assert_allclose(float(metrics["loss"]), total / mask.sum(), rtol=1e-5)
 
 
-def test_train_and_evaluate_exports_one_checkpoint(tiny_ckpt, tmp_path):
+def test_train_and_evaluate_exports_one_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  result = loop.train_and_evaluate(tiny_config(tiny_ckpt), "run")  # a relative workdir, as users type it
   workdir = str(tmp_path / "run")
-  result = loop.train_and_evaluate(tiny_config(tiny_ckpt), workdir)
   records = observe.read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, 7))
   for r in records:
     assert {"step", "k", "loss", "tokens_per_s", "lr"} <= set(r) and np.isfinite(r["loss"])
   assert "val_loss_k2" in records[2] and "val_loss_k4" in records[5]
   assert sum(result.k_histogram.values()) == 6 * 2 and set(result.k_histogram) <= {2, 3, 4}
-  assert set(result.heldout_loss_by_k) == {2, 3, 4}
+  assert set(result.heldout_loss_by_k) == {1, 2, 3, 4}
   for name in ("loss_per_k.png", "k_histogram.png", "heldout_loss_vs_k.png", "run_info.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))

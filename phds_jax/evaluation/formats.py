@@ -68,15 +68,18 @@ class GenItem:
   answers: tuple[str, ...]
 
 
-def _mc(task: str, where: str, context: str, choices: Sequence[Any], gold: Any) -> MCItem:
-  """A standard item (one context, " " + choice continuations) after validating choices and gold."""
+def _mc(task: str, where: str, context: str, choices: Sequence[Any], gold: Any,
+        delimiter: str = DELIMITER) -> MCItem:
+  """A standard item (one context, delimiter + choice continuations) after validating choices and gold."""
   if not isinstance(context, str):
     raise EvalDataError(f"{where}: {task}: context must be a string, got {type(context).__name__}")
   if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
     raise EvalDataError(f"{where}: {task}: choices must be a list of >= 2 strings, got {choices!r}")
   if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
     raise EvalDataError(f"{where}: {task}: gold must be an int index into {len(choices)} choices, got {gold!r}")
-  return MCItem((context,) * len(choices), tuple(DELIMITER + c for c in choices), tuple(choices), gold)
+  if not isinstance(delimiter, str):
+    raise EvalDataError(f"{where}: {task}: target_delimiter must be a string, got {delimiter!r}")
+  return MCItem((context,) * len(choices), tuple(delimiter + c for c in choices), tuple(choices), gold)
 
 
 def _index(labels: Sequence[Any], key: Any, where: str, task: str) -> int:
@@ -178,9 +181,10 @@ def openbookqa(doc: Doc, where: str, task: str = "openbookqa") -> MCItem:
 
 
 def generic_mc(doc: Doc, where: str, task: str = "jsonl") -> MCItem:
-  """`{"context": str, "choices": [str, ...], "gold": int}`; continuations are " " + choice."""
+  """`{"context": str, "choices": [str, ...], "gold": int, "target_delimiter"?: str}`; continuations are
+  delimiter + choice (default " "; chat-formatted contexts ending in the assistant header use "")."""
   return _mc(task, where, need(doc, "context", where, task), need(doc, "choices", where, task),
-             need(doc, "gold", where, task))
+             need(doc, "gold", where, task), doc.get("target_delimiter", DELIMITER))
 
 
 def triviaqa(doc: Doc, where: str, task: str = "triviaqa") -> GenItem:

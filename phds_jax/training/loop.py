@@ -35,6 +35,7 @@ class RunResult:
   final_step: int
   heldout_loss_by_k: dict[int, float]
   k_histogram: dict[int, int]
+  accuracy_by_k: dict[str, dict[int, float]]  # final_eval task -> k -> primary metric
   hf_dir: str | None
   orbax_dir: str | None
 
@@ -92,6 +93,7 @@ def heldout_losses(eval_fn, params, batches: list[dict[str, jax.Array]], ks: lis
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Runs (or resumes) the configured training in `workdir`; returns the final per-k held-out losses."""
   validate_config(config)
+  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   rng = jax.random.PRNGKey(config.seed)
@@ -140,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     if start:
       state, meta = ckpt.restore(start, state, train_iter)
     k_hist = {int(k): int(v) for k, v in meta.get("k_histogram", {}).items()}
-    eval_ks = list(config.eval.ks) if config.eval.get("ks") else sorted(set(sched.levels) | {model_cfg.k_pre})
+    eval_ks = (list(config.eval.ks) if config.eval.get("ks")
+               else sorted(set(sched.levels) | set(range(1, model_cfg.k_pre + 1))))
     slots = router_lib.num_slots(max(sched.levels), model_cfg.k_pre, config.router_mode)
     flops_tok = observe.train_flops_per_token(model_cfg, config.data.max_len, slots)
     peak = observe.peak_tflops(config.get("peak_tflops", 0.0))
@@ -195,11 +198,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     if config.export.hf:
       hf_dir = str(hf.save(os.path.join(workdir, "final", "hf"), model_cfg, params_host,
                            tokenizer_dir=tokenizer_dir, overwrite=True))
+    accuracy = final_evaluation(config, model_cfg, params_host, tokenizer_dir, workdir, eval_ks)
     observe.plot_run(workdir, k_hist, final)
     with open(os.path.join(workdir, "heldout_by_k.json"), "w") as f:
       json.dump({str(k): v for k, v in final.items()}, f, indent=1)
     logging.info("finished at step %d (last checkpoint %d)", config.num_steps, last_saved)
-  return RunResult(workdir, int(state.step), final, k_hist, hf_dir, orbax_dir)
+  else:
+    accuracy = {}
+  return RunResult(workdir, int(state.step), final, k_hist, accuracy, hf_dir, orbax_dir)
+
+
+def final_evaluation(config, model_cfg, params, tokenizer_dir: str, workdir: str,
+                     ks: list[int]) -> dict[str, dict[int, float]]:
+  """Runs `config.final_eval.tasks` (phds_jax.evaluation specs) at every k; results under workdir/eval."""
+  fe = config.final_eval
+  if not fe.tasks:
+    return {}
+  from phds_jax import evaluation  # pylint: disable=g-import-not-at-top
+  results = evaluation.evaluate(model_cfg, params, hf.load_tokenizer(tokenizer_dir), list(fe.tasks),
+                                ks=sorted(set(ks) | set(range(1, model_cfg.k_pre + 1))),
+                                limit=fe.limit or None, batch_size=fe.batch_size,
+                                out_dir=os.path.join(workdir, "eval"), progress=True)
+  return {task: {int(k): v[entry["primary"]] for k, v in entry["by_k"].items()}
+          for task, entry in results.summary["tasks"].items()}
 
 
 def _write_run_info(workdir, config, model_cfg, sched, mesh) -> None:
