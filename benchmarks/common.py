@@ -1,14 +1,13 @@
-"""Shared benchmark helpers: machine description and median timing of jitted calls."""
+"""Shared benchmark helpers: the machine description, and median timing (from phds_jax.timing)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from typing import Callable
 
 import jax
-import numpy as np
+
+from phds_jax.timing import median_ms  # noqa: F401  (re-exported for the benchmarks)
 
 
 def machine() -> str:
@@ -18,15 +17,3 @@ def machine() -> str:
   cpu = platform.processor() or platform.machine()
   return (f"{platform.node()} | {cpu} | {os.cpu_count()} CPU cores | jax {jax.__version__} | "
           f"backend {jax.default_backend()} ({kind} x{len(devices)})")
-
-
-def median_ms(fn: Callable, *args, repeats: int = 7, warmup: int = 2, **kwargs) -> float:
-  """Median wall time in milliseconds; warm-up calls absorb compilation."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args, **kwargs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args, **kwargs))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 from absl import app, flags
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax import hf, models
+from phds_jax.timing import median_ms
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF model directory; default: a random model made offline.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter and compute dtype.")
@@ -39,17 +39,6 @@ def make_random_checkpoint(directory: str, seed: int = 0) -> str:
   return directory
 
 
-def time_call(fn, *args, repeats: int = 5, **kwargs) -> float:
-  """Median wall time in ms of a jitted call, after one warm-up (compilation) call."""
-  jax.block_until_ready(fn(*args, **kwargs))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args, **kwargs))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
 def per_k_report(cfg: models.ModelConfig, params, tokens) -> list[dict]:
   """One row per k: expert FLOP share, forward ms, KL(p_kpre || p_k) and top-1 agreement with k_pre."""
   fwd = models.jit_forward(cfg)
@@ -60,7 +49,7 @@ def per_k_report(cfg: models.ModelConfig, params, tokens) -> list[dict]:
     logp = jax.nn.log_softmax(logits)
     kl = jnp.mean(jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1))
     agree = jnp.mean(jnp.argmax(logp, -1) == jnp.argmax(ref_logp, -1))
-    rows.append(dict(k=k, expert_share=k / cfg.k_pre, ms=time_call(fwd, params, tokens, k=k),
+    rows.append(dict(k=k, expert_share=k / cfg.k_pre, ms=median_ms(fwd, params, tokens, k=k, repeats=5, warmup=1),
                      kl=float(kl), top1_agree=float(agree)))
   return rows
 

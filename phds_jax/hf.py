@@ -543,7 +543,9 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, k: int | Non
         shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     if not (tmp / "generation_config.json").exists():
       (tmp / "generation_config.json").write_text(json.dumps(_generation_config(hf_config), indent=2) + "\n")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700, and safetensors writes its files 0600
+    for f in tmp.iterdir():
+      os.chmod(f, 0o644)
     _commit(tmp, dst)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
