@@ -33,7 +33,7 @@ def layer_times(cfg: models.ModelConfig, tokens: int, impls: list[str]) -> dict[
   for impl in impls:
     block = MoeBlock(cfg.replace(gmm_impl=impl))
     fwd = jax.jit(lambda p, x, k: block.apply({"params": p}, x, k=k, mode="hard")[0], static_argnums=2)
-    out[impl] = [median_ms(fwd, params, x, k) for k in range(1, cfg.k_pre + 1)]
+    out[impl] = [median_ms(fwd, params, x, k, repeats=3, warmup=1) for k in range(1, cfg.k_pre + 1)]
   return out
 
 
@@ -41,7 +41,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   parser.add_argument("--tokens", type=int, nargs="+", default=[2048])
-  parser.add_argument("--impls", nargs="+", default=["jax", "ragged_dot"])
+  parser.add_argument("--impls", nargs="+", default=["jax"],
+                      help="gmm implementations; ragged_dot is dense over experts on CPU (very slow there)")
   parser.add_argument("--dtype", default="float32")
   args = parser.parse_args()
   preset = dict(PRESETS[args.preset])
