@@ -237,13 +237,13 @@ def test_kv_cache_decode_equals_full_forward(family):
 
 def test_packed_segments_do_not_attend_across(family):
   cfg, params = family
-  model = models.build(cfg)
+  fwd = models.jit_forward(cfg)
   a, b = _tokens(cfg, b=1, t=5, seed=3), _tokens(cfg, b=1, t=7, seed=4)
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.asarray([[1] * 5 + [2] * 7])
-  logits, _ = model.apply({"params": params}, packed, k=2, segment_ids=seg)
-  la, _ = model.apply({"params": params}, a, k=2)
-  lb, _ = model.apply({"params": params}, b, k=2)
+  logits, _ = fwd(params, packed, k=2, segment_ids=seg)
+  la, _ = fwd(params, a, k=2)
+  lb, _ = fwd(params, b, k=2)
   np.testing.assert_allclose(logits, jnp.concatenate([la, lb], axis=1), rtol=1e-5, atol=1e-5)
 
 
