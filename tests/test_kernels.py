@@ -20,7 +20,6 @@ ragged_dot = jax.jit(jax.lax.ragged_dot)
 CASES = [
     pytest.param(40, 5, 12, 7, [0, 13, 0, 19, 8], 32, id="zeros_offtile"),
     pytest.param(37, 4, 16, 9, [5, 0, 11, 6], 16, id="m_offtile_trailing"),
-    pytest.param(24, 1, 8, 5, [24], 8, id="G1"),
     pytest.param(30, 1, 8, 5, [17], 128, id="G1_trailing_tile_gt_m"),
     pytest.param(33, 6, 8, 10, [0, 0, 33, 0, 0, 0], 8, id="one_group"),
     pytest.param(20, 3, 8, 4, [0, 0, 0], 8, id="all_empty"),
@@ -79,7 +78,7 @@ def test_gmm_tiled_random_group_sizes(seed):
   lhs, rhs = _operands(m, G, 8, 6, seed=seed)
   gs = jnp.asarray(sizes)
   want = _np_gmm(lhs, rhs, sizes)
-  for tile_m in (1, 8, 64):
+  for tile_m in (8, 64):
     np.testing.assert_allclose(gmm(lhs, rhs, gs, impl="jax", tile_m=tile_m), want, rtol=1e-5, atol=1e-5)
 
 
@@ -104,7 +103,7 @@ def _grads(fn, lhs, rhs, gs, cot):
   return jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs, gs)
 
 
-@pytest.mark.parametrize("impl,m,G,k,n,sizes,tile_m", [("jax", *c.values) for c in CASES[:5]] + [
+@pytest.mark.parametrize("impl,m,G,k,n,sizes,tile_m", [("jax", *CASES[i].values) for i in (0, 1, 2)] + [
     ("dense", *CASES[1].values)])
 def test_gmm_grads_match_ragged_dot(impl, m, G, k, n, sizes, tile_m):
   lhs, rhs = _operands(m, G, k, n)
@@ -141,7 +140,7 @@ def test_gmm_jit_and_retrace_free_group_sizes():
 
 
 @pytest.mark.parametrize("impl", ("jax", "ragged_dot", "dense"))
-@pytest.mark.parametrize("m,G,k,n,sizes,tile_m", [CASES[0], CASES[1], CASES[3], CASES[5]])
+@pytest.mark.parametrize("m,G,k,n,sizes,tile_m", [CASES[0], CASES[1], CASES[2], CASES[4]])
 def test_tgmm_matches_numpy(impl, m, G, k, n, sizes, tile_m):
   rng = np.random.default_rng(2)
   lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
@@ -150,6 +149,18 @@ def test_tgmm_matches_numpy(impl, m, G, k, n, sizes, tile_m):
   chex.assert_shape(out, (G, k, n))
   chex.assert_type(out, jnp.float32)
   np.testing.assert_allclose(out, _np_tgmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-4)
+
+
+def test_nonfinite_rows_outside_groups_do_not_leak():
+  """Rows past sum(group_sizes) may hold garbage (inf/NaN): outputs and weight grads must ignore them."""
+  lhs, rhs = _operands(40, 3, 8, 24)
+  lhs = lhs.at[35:].set(jnp.inf)
+  d = jnp.ones((40, 24)).at[36:].set(jnp.nan)
+  gs = jnp.asarray([10, 0, 25], jnp.int32)
+  out = gmm(lhs, rhs, gs, impl="jax", tile_m=32)
+  np.testing.assert_allclose(out, _np_gmm(lhs[:35], rhs, [10, 0, 25]).tolist() + [[0] * 24] * 5, atol=1e-4)
+  t = tgmm(lhs, d, gs, impl="jax", tile_m=32)
+  np.testing.assert_allclose(t, _np_tgmm(lhs[:35], d[:35], [10, 0, 25]), rtol=1e-5, atol=1e-4)
 
 
 def test_tgmm_bf16_dtype():
@@ -164,7 +175,7 @@ def test_tgmm_bf16_dtype():
 
 def test_group_bounds():
   sizes = np.array([0, 7, 30, 0, 1, 1, 40, 0], np.int32)
-  bounds = gm.group_bounds(jnp.asarray(sizes), 100)
+  bounds = jax.jit(gm.group_bounds, static_argnums=1)(jnp.asarray(sizes), 100)
   ends = np.cumsum(sizes)
   np.testing.assert_array_equal(bounds.ends_G, ends)
   np.testing.assert_array_equal(bounds.starts_G, ends - sizes)
@@ -176,9 +187,8 @@ def test_group_bounds():
 
 
 def test_tile_ladder_and_empty_lhs():
-  assert gm.tile_ladder(8192) == (128, 64, 32, 16)
-  assert gm.tile_ladder(8192, 100) == (100, 50, 25, 16)
-  assert gm.tile_ladder(40, 64) == (40, 20, 16) and gm.tile_ladder(5) == (5,) and gm.tile_ladder(50, 8) == (8,)
+  assert gm.tile_ladder(8192) == (128, 16) and gm.tile_ladder(8192, 100) == (100, 16)
+  assert gm.tile_ladder(40, 64) == (40, 16) and gm.tile_ladder(5) == (5,) and gm.tile_ladder(50, 8) == (8,)
   out = gm.gmm_tiled(jnp.zeros((0, 4)), jnp.zeros((3, 4, 2)), jnp.zeros((3,), jnp.int32))
   chex.assert_shape(out, (0, 2))
   np.testing.assert_array_equal(gm.tgmm_tiled(jnp.zeros((0, 4)), jnp.zeros((0, 2)), jnp.zeros((3,), jnp.int32)),
@@ -197,24 +207,38 @@ def _jaxpr_text(fn, *args) -> str:
 def test_auto_on_cpu_uses_tiled_jax():
   assert jax.default_backend() == "cpu"
   assert kernels.impl_order("auto") == ("jax", "ragged_dot")
-  lhs, rhs = _operands(16, 2, 4, 4)
-  gs = jnp.asarray([6, 10], jnp.int32)
+  lhs, rhs = jnp.zeros((512, 32)), jnp.zeros((64, 32, 32))  # G·m·k·n = 2^25: above the tiny-problem cut
+  gs = jnp.full((64,), 8, jnp.int32)
   auto_jaxpr = _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs), lhs, rhs)
   assert "ragged_dot_general" not in auto_jaxpr and "custom_vjp_call" in auto_jaxpr
   assert "ragged_dot_general" in _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs, impl="ragged_dot"), lhs, rhs)
+  assert "ragged_dot_general" not in _jaxpr_text(lambda a, d: kernels.tgmm(a, d, gs), lhs, lhs)
+
+
+def test_auto_on_cpu_tiny_problem_uses_ragged_dot():
+  assert kernels.impl_order("auto", dense_macs=kernels.SMALL_PROBLEM_MACS) == ("ragged_dot", "jax")
+  lhs, rhs = _operands(16, 2, 4, 4)
+  gs = jnp.asarray([6, 10], jnp.int32)
+  assert "ragged_dot_general" in _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs), lhs, rhs)
+  assert "ragged_dot_general" not in _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs, impl="jax"), lhs, rhs)
+
+
+# Pallas declines (NotImplementedError) a contracting dim above its 128 tile that the tile doesn't divide:
+# a real case, no mocks, that makes every order fall through past it.
+PALLAS_DECLINES_K = 200
 
 
 def test_accelerator_order_falls_through_pallas():
-  """The GPU/TPU order starts with the not-yet-written Pallas kernel and must land on ragged_dot."""
+  """The GPU/TPU order starts with Pallas; where Pallas declines a case, ragged_dot must take it."""
   order = kernels.impl_order("auto", backend="gpu")
   assert order == ("pallas", "ragged_dot", "jax")
   assert kernels.impl_order("auto", backend="tpu") == order
-  lhs, rhs = _operands(16, 2, 4, 4)
+  lhs, rhs = _operands(16, 2, PALLAS_DECLINES_K, 4)
   gs = jnp.asarray([6, 10], jnp.int32)
   jaxpr = _jaxpr_text(lambda a, b: kernels.dispatch("gmm", order, a, b, gs, None, None), lhs, rhs)
-  assert "ragged_dot_general" in jaxpr
+  assert "ragged_dot_general" in jaxpr and "pallas_call" not in jaxpr
   out = kernels.dispatch("gmm", order, lhs, rhs, gs, None, None)
-  np.testing.assert_allclose(out, _np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, _np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-4)
   with pytest.raises(NotImplementedError, match="no gmm implementation"):
     kernels.dispatch("gmm", ("pallas", "pallas"), lhs, rhs, gs, None, None)
 
@@ -228,10 +252,11 @@ def test_unknown_impl_lists_valid_ones():
     kernels.tgmm(lhs, lhs, gs, impl="cuda")
 
 
-def test_explicit_pallas_surfaces_error():
-  lhs, rhs = _operands(8, 2, 4, 4)
+def test_explicit_impl_surfaces_its_error():
+  """An explicit impl has no fallback: its NotImplementedError reaches the caller, naming the impl."""
+  lhs, rhs = _operands(8, 2, PALLAS_DECLINES_K, 4)
   gs = jnp.asarray([4, 4], jnp.int32)
-  with pytest.raises(NotImplementedError, match="Pallas grouped matmul lands with the kernels issue"):
+  with pytest.raises(NotImplementedError, match="impl='pallas' is unavailable.*use impl='auto'"):
     kernels.gmm(lhs, rhs, gs, impl="pallas")
   with pytest.raises(NotImplementedError, match="impl='pallas'"):
     kernels.tgmm(lhs, lhs, gs, impl="pallas")
