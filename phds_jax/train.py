@@ -49,6 +49,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   if _DISTRIBUTED.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs use their own
     jax.distributed.initialize()
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -17,7 +17,7 @@ import pytest
 from configs import demo
 from phds_jax import checkpoint as params_ckpt
 from phds_jax import demo_assets, hf, models
-from phds_jax.training import loop, observe, step as step_lib
+from phds_jax.training import loop, observe, optimizer, step as step_lib
 from phds_jax.training.validation import TrainConfigError, validate_config
 
 ASSETS = demo_assets.ASSETS_DIR
@@ -104,6 +104,27 @@ def test_step_loss_equals_direct_per_k_loss():
     nll = -jnp.take_along_axis(logp, batch["targets"][m][..., None], -1)[..., 0]
     total += float(jnp.sum(nll * batch["loss_mask"][m]))
   np.testing.assert_allclose(float(metrics["loss"]), total / mask.sum(), rtol=1e-5)
+
+
+def test_frozen_router_and_weight_decay_mask():
+  cfg = models.tiny("olmoe")
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  config = demo.get_config()
+  config.optimizer.update(dict(freeze_router=True, weight_decay=0.1, warmup_steps=0, lr=1e-2))
+  tx, _ = optimizer.make_optimizer(config, 10, params)
+  mask = optimizer.decay_mask(params)
+  assert mask["layer_0"]["moe"]["wi"] and not mask["layer_0"]["input_norm"]["scale"]
+  state = step_lib.init_state(params, tx)
+  rng = np.random.default_rng(0)
+  tok = rng.integers(0, cfg.vocab_size, (1, 2, 9))
+  batch = dict(tokens=jnp.asarray(tok[..., :-1], jnp.int32), targets=jnp.asarray(tok[..., 1:], jnp.int32),
+               loss_mask=jnp.ones((1, 2, 8)), segment_ids=jnp.ones((1, 2, 8), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (1, 2, 8)))
+  new, _ = jax.jit(step_lib.make_train_step(cfg, (2,), tx))(state, batch, jnp.zeros((1,), jnp.int32))
+  for i in range(cfg.num_layers):
+    np.testing.assert_array_equal(new.params[f"layer_{i}"]["moe"]["router"]["kernel"],
+                                  params[f"layer_{i}"]["moe"]["router"]["kernel"])
+  assert not np.allclose(new.params["layer_0"]["moe"]["wi"], params["layer_0"]["moe"]["wi"])
 
 
 def test_train_and_evaluate_exports_one_checkpoint(tiny_ckpt, tmp_path, monkeypatch):

@@ -138,7 +138,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                            best_metric="val_loss" if heldout else None,
                            async_save=config.checkpoint.async_save)
     start = ckpt.latest_step() or 0
-    meta = {"k_histogram": {}, "best_val_loss": None}
+    # The config travels with every checkpoint; the schedule needs no state beyond the step (k is a pure
+    # function of seed and step), so step + config restore it exactly.
+    meta = {"k_histogram": {}, "best_val_loss": None,
+            "config": json.loads(json.dumps(config.to_dict(), default=str))}
     if start:
       state, meta = ckpt.restore(start, state, train_iter)
     k_hist = {int(k): int(v) for k, v in meta.get("k_histogram", {}).items()}
