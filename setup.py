@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "jinja2>=3.1.6",  # chat templates, rendered as transformers renders them
     "pyarrow>=15",  # parquet sources
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "importlib_resources>=6",  # tensorflow-datasets needs it to prepare datasets but does not declare it
 ]
 
