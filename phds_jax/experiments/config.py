@@ -1,0 +1,140 @@
+"""The comparison's methods (PHDS_METHOD.md §4.1) as training configs, and checks of the comparison config.
+
+Every trained method starts from the same recipe (`config.train`: data, steps, batch, optimizer, soft router)
+and changes only the init checkpoint and the k schedule, so differences come from the schedule alone:
+
+  base             the pretrained k_pre checkpoint, no SFT (runtime mis-specification when k < k_pre)
+  naive            SFT at one fixed low k (`naive_k`)
+  oracle           SFT at k_pre (well-specified at k_pre)
+  oracle_k         for each base in `oracle_bases` (pretrained at K < k_pre): SFT at K -> methods oracle_k{K}
+  phds_uniform     multi-k over K_train, uniform, no curriculum
+  phds_curriculum  multi-k over K_train, then anchored at `anchor` after `switch_at`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+
+METHODS = ("base", "naive", "oracle", "oracle_k", "phds_uniform", "phds_curriculum")
+RULES = ("best_at_kpre", "mean_over_k")
+
+
+class ComparisonConfigError(ValueError):
+  """A comparison config that cannot run; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the comparison: which checkpoint it starts from and how k is scheduled during SFT."""
+
+  name: str
+  init_path: str
+  k_pre: int  # the init checkpoint's pretraining k
+  schedule: dict | None  # schedule fields for config.train.schedule; None = no training (base)
+
+  @property
+  def trained(self) -> bool:
+    return self.schedule is not None
+
+
+def _need(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ComparisonConfigError(msg)
+
+
+def checkpoint_k_pre(path: str) -> int:
+  """num_experts_per_tok of an HF checkpoint directory (read from config.json only)."""
+  file = os.path.join(path, "config.json")
+  _need(os.path.isfile(file), f"{path!r} has no config.json: not an HF checkpoint directory")
+  with open(file) as f:
+    return int(json.load(f)["num_experts_per_tok"])
+
+
+def eval_ks(config: ml_collections.ConfigDict, k_pre: int) -> list[int]:
+  """The k every checkpoint is evaluated at: `eval.ks`, default 1..k_pre of the main base."""
+  return sorted(config.eval.ks) if config.eval.get("ks") else list(range(1, k_pre + 1))
+
+
+def validate(config: ml_collections.ConfigDict) -> int:
+  """Raises ComparisonConfigError for the first problem; returns k_pre of the main base."""
+  unknown = sorted(set(config.methods) - set(METHODS))
+  _need(not unknown, f"methods {unknown} are unknown; choose from {METHODS}")
+  _need(len(config.methods) > 0, "methods is empty")
+  seeds = list(config.seeds)
+  _need(len(seeds) > 0, "seeds is empty: give at least one training seed, e.g. (0, 1, 2)")
+  _need(len(set(seeds)) == len(seeds), f"seeds {seeds} has repeats")
+  k_pre = checkpoint_k_pre(config.base)
+  k_train = list(config.k_train)
+  _need(len(k_train) > 0, "k_train is empty")
+  bad = [k for k in k_train if not 1 <= k <= k_pre]
+  _need(not bad, f"k_train {tuple(k_train)} is not a subset of [1, k_pre={k_pre}] (bad: {bad})")
+  _need(1 <= config.naive_k <= k_pre, f"naive_k={config.naive_k} is outside [1, k_pre={k_pre}]")
+  if "phds_curriculum" in config.methods:
+    _need(min(k_train) <= config.anchor <= max(k_train),
+          f"anchor={config.anchor} is outside K_train's range [{min(k_train)}, {max(k_train)}]")
+  if "oracle_k" in config.methods:
+    _need(len(config.oracle_bases) > 0, "methods include 'oracle_k' but oracle_bases is empty")
+    for path in config.oracle_bases:
+      k = checkpoint_k_pre(path)
+      _need(1 <= k < k_pre, f"oracle base {path!r} was pretrained at k={k}; it must be in [1, k_pre={k_pre})")
+  ks = eval_ks(config, k_pre)
+  _need(all(1 <= k <= k_pre for k in ks), f"eval.ks {ks} must lie in [1, k_pre={k_pre}]")
+  s = config.select
+  _need(0.0 <= s.burn_in < 1.0, f"select.burn_in={s.burn_in} must be a fraction of training in [0, 1)")
+  _need(s.primary in RULES, f"select.primary={s.primary!r} is not one of {RULES}")
+  sel_ks = list(s.ks) or k_train
+  _need(all(1 <= k <= k_pre for k in sel_ks), f"select.ks {sel_ks} must lie in [1, k_pre={k_pre}]")
+  for pair in config.report.pairs:
+    _need(len(pair) == 2 and 1 <= pair[0] < pair[1] <= k_pre,
+          f"agreement pair {tuple(pair)} must be (k1, k2) with 1 <= k1 < k2 <= k_pre={k_pre}")
+  _need(config.train.checkpoint.every_steps >= 1, "train.checkpoint.every_steps must be >= 1")
+  return k_pre
+
+
+def methods(config: ml_collections.ConfigDict, k_pre: int) -> list[Method]:
+  """The configured methods in table order (oracle_k expands to one oracle_k{K} per oracle base)."""
+  fixed = lambda k: dict(mode="fixed", k_train=(k,), anchor=0)
+  k_train = tuple(sorted(config.k_train))
+  out = []
+  for name in [m for m in METHODS if m in config.methods]:
+    if name == "base":
+      out.append(Method("base", config.base, k_pre, None))
+    elif name == "naive":
+      out.append(Method("naive", config.base, k_pre, fixed(config.naive_k)))
+    elif name == "oracle":
+      out.append(Method("oracle", config.base, k_pre, fixed(k_pre)))
+    elif name == "oracle_k":
+      for path in sorted(config.oracle_bases, key=checkpoint_k_pre):
+        k = checkpoint_k_pre(path)
+        out.append(Method(f"oracle_k{k}", path, k, fixed(k)))
+    elif name == "phds_uniform":
+      out.append(Method("phds_uniform", config.base, k_pre, dict(mode="uniform", k_train=k_train, anchor=0)))
+    else:
+      out.append(Method("phds_curriculum", config.base, k_pre, dict(
+          mode="curriculum", k_train=k_train, anchor=config.anchor, switch_at=config.switch_at,
+          ramp=config.ramp)))
+  return out
+
+
+def train_config(config: ml_collections.ConfigDict, method: Method, seed: int) -> ml_collections.ConfigDict:
+  """config.train with this method's init and schedule, the seed, and every eval step checkpointed.
+
+  Held-out losses are logged at every k <= the model's k_pre (for selection), and every evaluated step keeps
+  its checkpoint, so whichever step the selection rule picks can be restored and scored.
+  """
+  c = ml_collections.ConfigDict(config.train.to_dict())
+  c.name = f"{config.name}-{method.name}-seed{seed}"
+  c.seed = int(seed)
+  c.init.update(dict(kind="hf", path=method.init_path))
+  c.tokenizer_dir = c.get("tokenizer_dir") or method.init_path
+  c.schedule.update(method.schedule)
+  every = c.checkpoint.every_steps
+  c.eval.update(dict(every_steps=every, ks=tuple(range(1, method.k_pre + 1))))
+  c.checkpoint.keep = c.num_steps // every + 1
+  c.final_eval.tasks = ()  # the driver scores the selected checkpoints instead of the last one
+  c.export.update(dict(hf=False, orbax=True))
+  return c
