@@ -1,7 +1,7 @@
 """PHDS vs its baselines on the shipped demo bases, re-run in one command on 2 CPU cores (docs/reproduction.md).
 
     python -m phds_jax.experiments.compare --config=configs/compare_demo.py --workdir=runs/compare_demo
-    python -m phds_jax.experiments.compare --config=configs/compare_demo.py:tiny ...   # smoke run, ~2 min
+    python -m phds_jax.experiments.compare --config=configs/compare_demo.py:tiny ...   # smoke run, ~3 min
 
 Bases (never re-pretrained here): phds_jax/assets/demo_base (k_pre=4) and the oracle bases pretrained at
 k=2, 3 with the same recipe (configs/demo_pretrain_oracle.py). Every trained method shares configs/demo.py's

@@ -11,8 +11,13 @@ _STYLE = {"base": ("grey", "x", ":"), "naive": ("tab:orange", "v", "--"), "oracl
           "phds_uniform": ("tab:green", "^", "-"), "phds_curriculum": ("tab:red", "o", "-")}
 
 
+_ORACLE_K_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
 def _style(method: str) -> tuple[str, str, str]:
-  return _STYLE.get(method, ("tab:purple", "D", "none"))  # oracle_k{K}: single points
+  if method.startswith("oracle_k") and method[len("oracle_k"):].isdigit():  # single points, one color per K
+    return _ORACLE_K_COLORS[int(method[len("oracle_k"):]) % len(_ORACLE_K_COLORS)], "D", "none"
+  return _STYLE.get(method, ("black", "o", "-"))
 
 
 def _plt():

@@ -147,5 +147,6 @@ def _save(fig, workdir: str, name: str) -> str:
   path = os.path.join(workdir, name)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  fig.clf()
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.close(fig)  # runs repeated in one process (experiment driver) must not accumulate open figures
   return path
