@@ -1,4 +1,5 @@
-"""Pallas kernels in interpret mode (CPU): grouped matmuls vs ragged_dot / numpy, grads, the fused router."""
+"""Pallas kernels on CPU: both grouped-matmul families (Triton for GPU, Mosaic for TPU) under the interpreter
+vs ragged_dot / numpy, grads, the fused router; and their GPU/TPU lowerings, by exporting for those platforms."""
 
 import functools
 
@@ -8,18 +9,27 @@ import numpy as np
 import pytest
 
 from phds_jax import kernels, models
-from phds_jax.kernels.pallas_gmm import gmm_pallas, make_work_items, tgmm_pallas
+from phds_jax.kernels.pallas_gmm import BACKENDS, gmm_pallas, tgmm_pallas
+from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton
+from phds_jax.kernels.pallas_gmm_tpu import make_work_items
 from phds_jax.kernels.pallas_routing import route_pallas
 from phds_jax.models import router
 
 TILES = dict(tile_m=16, tile_k=16, tile_n=16)
-gmm_p = jax.jit(functools.partial(gmm_pallas, **TILES), static_argnames=("preferred_element_type",))
-tgmm_p = jax.jit(functools.partial(tgmm_pallas, **TILES))
+
+
+def _jitted(backend):
+  gmm = jax.jit(functools.partial(gmm_pallas, backend=backend, **TILES), static_argnames=("preferred_element_type",))
+  return gmm, jax.jit(functools.partial(tgmm_pallas, backend=backend, **TILES))
+
+
+JITTED = {backend: _jitted(backend) for backend in BACKENDS}
+backends = pytest.mark.parametrize("backend", BACKENDS)
 
 # (m, k, n, group_sizes): zeros, sizes off the tile, m off the tile, trailing rows past the sum, k/n < tile.
 CASES = [
     pytest.param(40, 32, 16, [5, 0, 20, 3], id="zeros_offtile_trailing"),
-    pytest.param(20, 8, 12, [0, 0, 0], id="all_empty"),
+    pytest.param(20, 16, 16, [0, 0, 0], id="all_empty"),
 ]
 
 
@@ -56,8 +66,10 @@ def test_work_items_cover_every_tile_once_per_group():
   np.testing.assert_array_equal(items.first_group, [1, 1, 0, 1, 0, 0])
 
 
+@backends
 @pytest.mark.parametrize("m,k,n,sizes", CASES)
-def test_gmm_tgmm_fp32(m, k, n, sizes):
+def test_gmm_tgmm_fp32(backend, m, k, n, sizes):
+  gmm_p, tgmm_p = JITTED[backend]
   lhs, rhs = _operands(m, len(sizes), k, n)
   gs = jnp.asarray(sizes, jnp.int32)
   out = gmm_p(lhs, rhs, gs)
@@ -69,7 +81,9 @@ def test_gmm_tgmm_fp32(m, k, n, sizes):
   np.testing.assert_allclose(t, _np_tgmm(lhs, out, sizes), rtol=1e-5, atol=1e-4)
 
 
-def test_gmm_tgmm_random_sizes():
+@backends
+def test_gmm_tgmm_random_sizes(backend):
+  gmm_p, tgmm_p = JITTED[backend]
   rng = np.random.default_rng(1)
   sizes = [int(s) for s in rng.multinomial(45, np.ones(5) / 5)]
   sizes[int(rng.integers(5))] = 0
@@ -79,7 +93,9 @@ def test_gmm_tgmm_random_sizes():
   np.testing.assert_allclose(tgmm_p(lhs, lhs, gs), _np_tgmm(lhs, lhs, sizes), rtol=1e-5, atol=1e-4)
 
 
-def test_gmm_bf16():
+@backends
+def test_gmm_bf16(backend):
+  gmm_p, tgmm_p = JITTED[backend]
   sizes = [7, 0, 19, 4]
   lhs, rhs = _operands(33, 4, 32, 16, jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
@@ -96,7 +112,8 @@ def test_gmm_bf16():
   np.testing.assert_allclose(t.astype(jnp.float32), want_t, rtol=2e-2, atol=1e-1)
 
 
-def test_gmm_grads_match_ragged_dot():
+@backends
+def test_gmm_grads_match_ragged_dot(backend):
   sizes = [5, 0, 20, 3]
   lhs, rhs = _operands(40, 4, 16, 32, seed=2)
   gs = jnp.asarray(sizes, jnp.int32)
@@ -105,7 +122,7 @@ def test_gmm_grads_match_ragged_dot():
   def grads(f):
     return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1)))(lhs, rhs)
 
-  got = grads(functools.partial(gmm_pallas, **TILES))
+  got = grads(functools.partial(gmm_pallas, backend=backend, **TILES))
   want = grads(jax.lax.ragged_dot)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
@@ -129,7 +146,7 @@ def test_route_pallas_matches_route(mode, norm):
 
 def test_dispatch_pallas_on_cpu():
   sizes = [0, 9, 14]
-  lhs, rhs = _operands(30, 3, 16, 8, seed=5)
+  lhs, rhs = _operands(30, 3, 16, 16, seed=5)
   gs = jnp.asarray(sizes, jnp.int32)
   out = jax.jit(lambda a, b, g: kernels.gmm(a, b, g, impl="pallas", tile_m=16))(lhs, rhs, gs)
   np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs, rhs, gs), rtol=1e-5, atol=1e-5)
@@ -146,3 +163,88 @@ def test_tiny_model_pallas_equals_ragged_dot():
   for impl in ("pallas", "ragged_dot"):
     logits[impl] = models.jit_forward(models.tiny("olmoe", gmm_impl=impl))(params, tokens, k=2)[0]
   np.testing.assert_allclose(logits["pallas"], logits["ragged_dot"], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton family's pieces, and both families' hardware lowerings (exported for CUDA / TPU from CPU).
+# ----------------------------------------------------------------------------------------------------------
+
+def test_triton_tile_group_ranges_skip_empty_groups():
+  from phds_jax.kernels.grouped_matmul import group_bounds
+  bounds = group_bounds(jnp.array([5, 0, 20, 3], jnp.int32), m=40)
+  lo, hi, starts, ends = pallas_gmm_triton._tile_group_ranges(bounds, 4, num_tiles=3, tile_m=16)
+  # Tile 0 (rows 0-15): groups 0, 2 -> listed positions 0, 1; tile 1: groups 2, 3; tile 2 (32-47): none.
+  np.testing.assert_array_equal(lo, [0, 1, 3])
+  np.testing.assert_array_equal(hi, [2, 3, 3])
+  np.testing.assert_array_equal(np.asarray(bounds.nonempty_G)[:3], [0, 2, 3])
+  np.testing.assert_array_equal(starts[:3], [0, 5, 25])
+  np.testing.assert_array_equal(ends[:3], [5, 25, 28])
+
+
+def test_triton_tiles_are_powers_of_two_dividing_the_dim():
+  assert pallas_gmm_triton.pow2_tile(1408, 128, "n") == 128
+  assert pallas_gmm_triton.pow2_tile(1408, 512, "n") == 128  # 1408 = 11 x 128
+  assert pallas_gmm_triton.pow2_tile(12, 16, "n") == 4
+  with pytest.raises(NotImplementedError, match="n=12 has no power-of-two tile >= 16"):
+    pallas_gmm_triton.pow2_tile(12, 64, "n", minimum=16)
+
+
+def test_pallas_backend_foreign_to_platform_falls_through():
+  lhs, rhs = _operands(32, 2, 32, 32)
+  gs = jnp.array([20, 12], jnp.int32)
+  for backend in BACKENDS:
+    with pytest.raises(NotImplementedError, match="lowers only on"):
+      gmm_pallas(lhs, rhs, gs, backend=backend, interpret=False)
+  with pytest.raises(ValueError, match="unknown pallas gmm backend"):
+    gmm_pallas(lhs, rhs, gs, backend="cuda")
+
+
+def _export(fn, platform, *shapes):
+  """Lower for `platform` on this CPU machine; returns the StableHLO text (Pallas custom call included)."""
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
+  return jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+
+
+# OLMoE (d 2048, ffn 1024, 64 experts) and Qwen1.5-MoE (ffn 1408 = 11 x 128, 60 experts) in bf16: forward,
+# d lhs (transposed weights) and d rhs, for 4096 routed rows.
+LOWERING_SHAPES = [pytest.param(64, 2048, 1024, id="olmoe"), pytest.param(60, 2048, 1408, id="qwen1.5")]
+
+
+@pytest.mark.parametrize("experts,d,f", LOWERING_SHAPES)
+@pytest.mark.parametrize("platform,fwd,tgmm", [
+    ("cuda", pallas_gmm_triton.gmm_triton, pallas_gmm_triton.tgmm_triton),
+    ("tpu", pallas_gmm_tpu.gmm_mosaic, pallas_gmm_tpu.tgmm_mosaic),
+])
+def test_gmm_kernels_lower_for_hardware(experts, d, f, platform, fwd, tgmm):
+  bf16, i32, rows = jnp.bfloat16, jnp.int32, 4096
+
+  def fwd_and_grads(x, w, g, gs):
+    return fwd(x, w, gs), fwd(g, w, gs, transpose_rhs=True), tgmm(x, g, gs)
+
+  text = _export(fwd_and_grads, platform, ((rows, d), bf16), ((experts, d, f), bf16), ((rows, f), bf16),
+                 ((experts,), i32))
+  target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+  assert text.count(f"custom_call @{target}") == 3
+
+
+def test_train_step_pallas_equals_ragged_dot():
+  """One PHDS train step (two microbatches at different k, soft routing, AdamW): same loss, grads, params."""
+  import optax
+  from phds_jax.training import step as train_step_lib
+  rng = np.random.default_rng(7)
+  tokens = jnp.asarray(rng.integers(0, 128, size=(2, 1, 12)), jnp.int32)  # [M, B, L]
+  batch = dict(tokens=tokens, targets=jnp.roll(tokens, -1, axis=-1), loss_mask=jnp.ones_like(tokens),
+               positions=jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), tokens.shape),
+               segment_ids=jnp.ones_like(tokens))
+  tx = optax.adamw(1e-2)
+  params = models.init_params(models.tiny("olmoe", gmm_impl="ragged_dot"), jax.random.PRNGKey(1))
+  results = {}
+  for impl in ("pallas", "ragged_dot"):
+    step = train_step_lib.make_train_step(models.tiny("olmoe", gmm_impl=impl), (1, 4), tx, mode="soft")
+    state, metrics = jax.jit(step)(train_step_lib.init_state(params, tx), batch, jnp.array([0, 1], jnp.int32))
+    results[impl] = (metrics["loss"], metrics["grad_norm"], state.params)
+  (loss_p, norm_p, params_p), (loss_r, norm_r, params_r) = results["pallas"], results["ragged_dot"]
+  np.testing.assert_allclose(loss_p, loss_r, rtol=1e-5)
+  np.testing.assert_allclose(norm_p, norm_r, rtol=1e-4)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_p, params_r)

@@ -4,7 +4,7 @@
 rhs[g]; rows past sum(group_sizes) come out zero. `tgmm(lhs[m,k], rhs[m,n], group_sizes[G]) -> [G,k,n]` is
 its weight-gradient twin. Implementations:
 
-  "pallas"      Pallas kernels (pallas_gmm.py): TPU Mosaic, interpreter on CPU; GPU raises NotImplementedError;
+  "pallas"      Pallas kernels (pallas_gmm.py): Triton on GPU, Mosaic on TPU, the interpreter on CPU;
   "jax"         tiled pure-JAX grouped matmul, cost ∝ rows + groups × 16 (the CPU default);
   "ragged_dot"  `jax.lax.ragged_dot`: native on GPU/TPU, dense over all groups on CPU;
   "dense"       every row times every group, masked: O(G·m·k·n), a test reference.
@@ -56,8 +56,9 @@ def impl_order(impl: str = "auto", backend: str | None = None, dense_macs: int |
 # ----------------------------------------------------------------------------------------------------------
 
 def _pallas(fn: Callable) -> Callable:
-  """Pallas entry: tile_m None -> 128; CPU runs the interpreter (never a CPU "auto" choice: too slow)."""
-  return lambda x, y, gs, tm, pet: fn(x, y, gs, tile_m=tm or 128, preferred_element_type=pet)
+  """Pallas entry: tile_m None -> the backend's default; CPU runs the interpreter (never a CPU "auto"
+  choice: too slow)."""
+  return lambda x, y, gs, tm, pet: fn(x, y, gs, tile_m=tm, preferred_element_type=pet)
 
 
 _GMM: dict[str, Callable] = {

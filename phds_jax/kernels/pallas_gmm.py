@@ -1,186 +1,94 @@
 """Pallas grouped matmul (`gmm_pallas`) and its weight-gradient twin (`tgmm_pallas`), with a custom VJP.
 
-Design. Rows are cut into row tiles of `tile_m`. Before the kernel (plain jnp, traced with the caller) we
-list the static-size set of *work items*: one per (row tile, non-empty group overlapping it), in row-tile
-order, plus one item per row tile no group touches (rows past sum(group_sizes)), padded with no-op items to
-the static bound num_tiles + G - 1. Five int32 index arrays describe each item (row tile, group, global row
-window [lo, hi) to keep, first-visit flag) and are passed as scalar-prefetch operands, so the BlockSpec
-index maps can pick the lhs row tile and the rhs[group] tile without any gather.
-
-Accumulation across items that share an output block is done by *revisiting the same output block on
-consecutive grid steps* (Mosaic/TPU sequential-grid semantics): the grid is
-  gmm:  (n tiles, work items, k tiles)  -> out block (row tile, n tile), zeroed on its first visit;
-  tgmm: (k tiles, n tiles, work items)  -> out block (group, k tile, n tile), zeroed on its group's first item.
-Items sharing a row tile (gmm) or a group (tgmm) are consecutive by construction. The kernel's output is
-fp32 (it doubles as the accumulator) and is cast to the requested dtype outside the kernel.
-
-Lowering. Block shapes are (tile_m, tile_k) / (tile_k, tile_n) / (tile_m, tile_n): TPU Mosaic accepts them
-when they are multiples of (8, 128) or the full dim (defaults 128 are). Only the CPU interpreter is tested
-here; TPU lowering is expected to work but is untested on hardware. On GPU (Triton) grid programs run in
-parallel, so revisiting an output block is a race: there we raise NotImplementedError and `kernels.gmm`
-falls through to ragged_dot.
+Two kernel families share this entry point, because GPUs and TPUs disagree on how a grid runs:
+  "triton"      (pallas_gmm_triton.py) GPUs: programs run concurrently, so each owns its output block and
+                loops over groups / k / rows inside the kernel;
+  "mosaic_tpu"  (pallas_gmm_tpu.py) TPUs: the grid is a sequential loop, so items sharing an output block
+                accumulate into it on consecutive steps and Mosaic pipelines the block DMAs.
+`backend=None` picks from `jax.default_backend()`; on CPU both run under the Pallas interpreter ("triton"
+by default). The backward pass is the same for both: d lhs = gmm(g, rhs[g]ᵀ) without a transposed copy of
+the weights (`transpose_rhs`), d rhs = tgmm(lhs, g). Residuals are only (lhs, rhs, group_sizes).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["WorkItems", "gmm_pallas", "make_work_items", "tgmm_pallas"]
+from phds_jax.kernels.pallas_gmm_tpu import gmm_mosaic, tgmm_mosaic
+from phds_jax.kernels.pallas_gmm_triton import gmm_triton, tgmm_triton
 
+__all__ = ["BACKENDS", "gmm_pallas", "resolve_backend", "tgmm_pallas"]
 
-class WorkItems(NamedTuple):
-  """Per-work-item int32 index arrays, all of static length num_tiles + G - 1."""
-
-  tile: jax.Array  # row tile the item reads/writes.
-  group: jax.Array  # group (rhs slice / tgmm output slice); no-op items repeat the previous real group.
-  lo: jax.Array  # global row window [lo, hi) kept by the row mask; empty for no-op items.
-  hi: jax.Array
-  first_tile: jax.Array  # 1 on the first item of each row tile (gmm zeroes its output block there).
-  first_group: jax.Array  # 1 on the first item of each group run (tgmm zeroes its output block there).
-
-
-def make_work_items(group_sizes: jax.Array, num_tiles: int, tile_m: int) -> WorkItems:
-  """Static-size (row tile, group) work list; every row tile appears at least once so gmm writes it."""
-  num_groups = group_sizes.shape[0]
-  num_items = num_tiles + num_groups - 1
-  sizes = group_sizes.astype(jnp.int32)
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  tile_lo = jnp.arange(num_tiles, dtype=jnp.int32) * tile_m
-  overlap = ((sizes > 0)[None, :] & (starts[None, :] < tile_lo[:, None] + tile_m)
-             & (ends[None, :] > tile_lo[:, None]))  # [tiles, G]
-  count = jnp.maximum(overlap.sum(axis=1, dtype=jnp.int32), 1)  # untouched tiles still get one item
-  count_end = jnp.cumsum(count)
-  offset = count_end - count
-  w = jnp.arange(num_items, dtype=jnp.int32)
-  tile = jnp.minimum(jnp.searchsorted(count_end, w, side="right"), num_tiles - 1).astype(jnp.int32)
-  in_range = w < count_end[-1]
-  j = w - offset[tile]
-  rank = jnp.cumsum(overlap, axis=1, dtype=jnp.int32) - 1  # rank of each overlapping group within its tile
-  hit = overlap[tile] & (rank[tile] == j[:, None])  # [items, G]
-  valid = in_range & hit.any(axis=1)
-  group = jax.lax.cummax(jnp.where(valid, jnp.argmax(hit, axis=1).astype(jnp.int32), 0))
-  lo = jnp.where(valid, starts[group], 0)
-  hi = jnp.where(valid, ends[group], 0)
-  first_tile = in_range & (w == offset[tile])
-  first_group = jnp.concatenate([jnp.ones((1,), bool), group[1:] != group[:-1]])
-  i32 = lambda a: a.astype(jnp.int32)
-  return WorkItems(i32(tile), i32(group), i32(lo), i32(hi), i32(first_tile), i32(first_group))
+BACKENDS: tuple[str, ...] = ("triton", "mosaic_tpu")
+_KERNELS = {"triton": (gmm_triton, tgmm_triton), "mosaic_tpu": (gmm_mosaic, tgmm_mosaic)}
+# Tiles (m, k, n) per backend and op when the caller gives none. Triton: fp32 accumulator of 64x128 in
+# registers with 4 warps; Mosaic: (8, 128)-aligned 128-blocks for the MXU.
+DEFAULT_TILES = {
+    ("triton", "gmm"): (64, 64, 128), ("triton", "tgmm"): (64, 64, 64),
+    ("mosaic_tpu", "gmm"): (128, 128, 128), ("mosaic_tpu", "tgmm"): (128, 128, 128),
+}
 
 
-def _resolve_interpret(interpret: bool | None) -> bool:
-  """None -> interpret on CPU; non-interpreted lowering is only attempted on TPU."""
-  backend = jax.default_backend()
+def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+  """(kernel family, interpret): the platform's family unless named; interpret by default only on CPU.
+
+  Raises NotImplementedError where the family can't lower (the dispatcher then tries the next impl).
+  """
+  platform = jax.default_backend()
+  if backend is None:
+    backend = "mosaic_tpu" if platform == "tpu" else "triton"
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown pallas gmm backend {backend!r}; valid: {', '.join(BACKENDS)}")
   if interpret is None:
-    interpret = backend == "cpu"
-  if not interpret and backend != "tpu":
-    raise NotImplementedError(f"pallas gmm lowers only on TPU (Mosaic), not on {backend!r}; "
-                              "Triton grids are parallel, so revisited output blocks would race")
-  return interpret
+    interpret = platform == "cpu"
+  native = {"triton": "gpu", "mosaic_tpu": "tpu"}[backend]
+  if not interpret and platform != native:
+    raise NotImplementedError(f"pallas gmm backend {backend!r} lowers only on {native}, not on {platform!r}")
+  return backend, interpret
 
 
-def _tile(dim: int, tile: int, name: str) -> int:
-  """Block size along a non-row dim: the whole dim if it fits in one tile, else `tile` (must divide)."""
-  if dim <= tile:
-    return dim
-  if dim % tile:
-    raise NotImplementedError(f"pallas gmm: {name}={dim} is not a multiple of tile_{name}={tile}")
-  return tile
+def _tiles(backend: str, op: str, tile_m, tile_k, tile_n) -> dict:
+  dm, dk, dn = DEFAULT_TILES[backend, op]
+  return dict(tile_m=tile_m or dm, tile_k=tile_k or dk, tile_n=tile_n or dn)
 
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-  return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+def _gmm_call(lhs, rhs, group_sizes, opts, out_dtype, transpose_rhs=False):
+  backend, interpret, tile_m, tile_k, tile_n = opts
+  kernel = _KERNELS[backend][0]
+  return kernel(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=interpret, out_dtype=out_dtype,
+                **_tiles(backend, "gmm", tile_m, tile_k, tile_n))
 
 
-def _row_mask(x: jax.Array, tile: jax.Array, lo: jax.Array, hi: jax.Array, tile_m: int) -> jax.Array:
-  """Zeroes the rows of a row-tile block outside the item's group window [lo, hi)."""
-  rows = tile * tile_m + jax.lax.broadcasted_iota(jnp.int32, (tile_m, 1), 0)
-  return jnp.where((rows >= lo) & (rows < hi), x, jnp.zeros_like(x))
+def _tgmm_call(lhs, grad, group_sizes, opts, out_dtype):
+  backend, interpret, tile_m, tile_k, tile_n = opts
+  kernel = _KERNELS[backend][1]
+  return kernel(lhs, grad, group_sizes, interpret=interpret, out_dtype=out_dtype,
+                **_tiles(backend, "tgmm", tile_m, tile_k, tile_n))
 
 
-def _gmm_fwd_impl(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype):
-  interpret = _resolve_interpret(interpret)
-  m, k = lhs.shape
-  n = rhs.shape[2]
-  tk, tn = _tile(k, tile_k, "k"), _tile(n, tile_n, "n")
-  num_tiles = max(pl.cdiv(m, tile_m), 1)
-  items = make_work_items(group_sizes, num_tiles, tile_m)
-  lhs_p = _pad_rows(lhs, num_tiles * tile_m)
-
-  def kernel(tile_ref, group_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref):
-    w, kk = pl.program_id(1), pl.program_id(2)
-
-    @pl.when((first_ref[w] == 1) & (kk == 0))
-    def _():
-      out_ref[...] = jnp.zeros_like(out_ref)
-
-    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m)
-    out_ref[...] += jnp.dot(x, rhs_ref[...], preferred_element_type=jnp.float32)
-
-  lhs_map = lambda j, w, kk, tile, group, lo, hi, first: (tile[w], kk)
-  rhs_map = lambda j, w, kk, tile, group, lo, hi, first: (group[w], kk, j)
-  out_map = lambda j, w, kk, tile, group, lo, hi, first: (tile[w], j)
-  call = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_tiles * tile_m, n), jnp.float32),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(n // tn, items.tile.shape[0], k // tk),
-          in_specs=[pl.BlockSpec((tile_m, tk), lhs_map), pl.BlockSpec((None, tk, tn), rhs_map)],
-          out_specs=pl.BlockSpec((tile_m, tn), out_map)),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=interpret,
-  )
-  out = call(items.tile, items.group, items.lo, items.hi, items.first_tile, lhs_p, rhs)
-  return out[:m].astype(out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(lhs, rhs, group_sizes, opts, out_dtype):
+  return _gmm_call(lhs, rhs, group_sizes, opts, out_dtype)
 
 
-def _tgmm_impl(lhs, grad, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype):
-  interpret = _resolve_interpret(interpret)
-  m, k = lhs.shape
-  n = grad.shape[1]
-  num_groups = group_sizes.shape[0]
-  tk, tn = _tile(k, tile_k, "k"), _tile(n, tile_n, "n")
-  num_tiles = max(pl.cdiv(m, tile_m), 1)
-  items = make_work_items(group_sizes, num_tiles, tile_m)
-  rows = num_tiles * tile_m
-  lhs_p, grad_p = _pad_rows(lhs, rows), _pad_rows(grad, rows)
+def _gmm_fwd(lhs, rhs, group_sizes, opts, out_dtype):
+  return _gmm_call(lhs, rhs, group_sizes, opts, out_dtype), (lhs, rhs, group_sizes)
 
-  def kernel(tile_ref, group_ref, lo_ref, hi_ref, first_ref, lhs_ref, grad_ref, out_ref):
-    w = pl.program_id(2)
 
-    @pl.when(first_ref[w] == 1)
-    def _():
-      out_ref[...] = jnp.zeros_like(out_ref)
+def _gmm_bwd(opts, out_dtype, res, g):
+  lhs, rhs, group_sizes = res
+  backend, interpret, tile_m, tile_k, tile_n = opts
+  # d lhs contracts over n: the forward's tile_n becomes the contraction tile and tile_k the output tile.
+  dlhs = _gmm_call(g, rhs, group_sizes, (backend, interpret, tile_m, tile_n, tile_k), lhs.dtype,
+                   transpose_rhs=True)
+  drhs = _tgmm_call(lhs, g, group_sizes, opts, rhs.dtype)
+  return dlhs, drhs, None
 
-    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m)
-    out_ref[...] += jax.lax.dot_general(x, grad_ref[...], (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
 
-  lhs_map = lambda kk, j, w, tile, group, lo, hi, first: (tile[w], kk)
-  grad_map = lambda kk, j, w, tile, group, lo, hi, first: (tile[w], j)
-  out_map = lambda kk, j, w, tile, group, lo, hi, first: (group[w], kk, j)
-  call = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), jnp.float32),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(k // tk, n // tn, items.tile.shape[0]),
-          in_specs=[pl.BlockSpec((tile_m, tk), lhs_map), pl.BlockSpec((tile_m, tn), grad_map)],
-          out_specs=pl.BlockSpec((None, tk, tn), out_map)),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )
-  out = call(items.tile, items.group, items.lo, items.hi, items.first_group, lhs_p, grad_p)
-  # Empty groups are never visited (their blocks are uninitialised): select, don't multiply (NaN-safe).
-  out = jnp.where((group_sizes > 0)[:, None, None], out, 0.0)
-  return out.astype(out_dtype)
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def _check_groups(num_groups: int) -> None:
@@ -188,48 +96,30 @@ def _check_groups(num_groups: int) -> None:
     raise NotImplementedError("pallas gmm needs at least one group")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _gmm(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype):
-  return _gmm_fwd_impl(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype):
-  out = _gmm_fwd_impl(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype)
-  return out, (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(tile_m, tile_k, tile_n, interpret, out_dtype, res, g):
-  lhs, rhs, group_sizes = res
-  # d lhs = g @ rhs[g]^T per group (rows past the sum get zero); d rhs[g] = lhs_g^T g_g.
-  dlhs = _gmm_fwd_impl(g, jnp.swapaxes(rhs, 1, 2), group_sizes, tile_m, tile_n, tile_k, interpret, lhs.dtype)
-  drhs = _tgmm_impl(lhs, g, group_sizes, tile_m, tile_k, tile_n, interpret, rhs.dtype)
-  return dlhs, drhs, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m: int = 128,
-               tile_k: int = 128, tile_n: int = 128, interpret: bool | None = None,
-               preferred_element_type=None) -> jax.Array:
+def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m: int | None = None,
+               tile_k: int | None = None, tile_n: int | None = None, backend: str | None = None,
+               interpret: bool | None = None, preferred_element_type=None) -> jax.Array:
   """Grouped matmul lhs[m,k] x rhs[G,k,n] -> [m,n]; rows past sum(group_sizes) are zero. fp32 accumulation.
 
-  Differentiable (custom VJP built from gmm_pallas/tgmm_pallas). `interpret=None`: interpret on CPU.
-  Raises NotImplementedError for cases it doesn't handle so the dispatcher can fall through.
+  Differentiable (custom VJP from the same kernels). Tiles default per backend (DEFAULT_TILES);
+  `interpret=None`: interpret on CPU. Raises NotImplementedError for cases it doesn't handle (a shape with
+  no legal tile, a backend foreign to the platform) so the dispatcher can fall through.
   """
   _check_groups(rhs.shape[0])
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if lhs.shape[0] == 0:
     return jnp.zeros((0, rhs.shape[2]), out_dtype)
-  return _gmm(lhs, rhs, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype)
+  opts = (*resolve_backend(backend, interpret), tile_m, tile_k, tile_n)
+  return _gmm(lhs, rhs, group_sizes, opts, out_dtype)
 
 
-def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile_m: int = 128,
-                tile_k: int = 128, tile_n: int = 128, interpret: bool | None = None,
-                preferred_element_type=None) -> jax.Array:
+def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile_m: int | None = None,
+                tile_k: int | None = None, tile_n: int | None = None, backend: str | None = None,
+                interpret: bool | None = None, preferred_element_type=None) -> jax.Array:
   """out[g] = lhs_gᵀ grad_g over group g's rows -> [G,k,n] (gmm's weight gradient); empty groups are zero."""
   _check_groups(group_sizes.shape[0])
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
   if lhs.shape[0] == 0:
     return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
-  return _tgmm_impl(lhs, grad, group_sizes, tile_m, tile_k, tile_n, interpret, out_dtype)
+  backend, interpret = resolve_backend(backend, interpret)
+  return _tgmm_call(lhs, grad, group_sizes, (backend, interpret, tile_m, tile_k, tile_n), out_dtype)

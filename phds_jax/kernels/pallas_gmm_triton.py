@@ -1,0 +1,169 @@
+"""Pallas grouped matmul for GPUs (Triton lowering): every output block is owned by one program.
+
+GPU grid programs run concurrently, so unlike the TPU kernel (pallas_gmm_tpu.py), which accumulates by
+revisiting an output block on consecutive grid steps, each program here computes its whole output block
+in registers and writes it once:
+
+  gmm   grid (row tiles, n tiles). Program (t, j) loops over the nonempty groups overlapping row tile t
+        (usually one, two at a boundary; precomputed as a [lo, hi) range into the nonempty-group list) and,
+        per group, over k in `tile_k` steps: acc += mask_rows(lhs[t, kk]) @ rhs[g, kk, j]. Rows outside
+        the group are zeroed before the dot, so a tile shared by two groups sums two disjoint products.
+        Row tiles past sum(group_sizes) have an empty range and write zeros.
+  tgmm  grid (G, k tiles, n tiles). Program (g, a, b) loops over the row tiles covering group g:
+        acc += mask_rows(lhs[rows, a])ᵀ @ mask_rows(grad[rows, b]). Empty groups loop zero times -> zeros.
+
+`transpose_rhs=True` multiplies by rhs[g]ᵀ with rhs stored [G, n, k] (the backward's d lhs = g @ w[g]ᵀ) by
+loading [tile_n, tile_k] blocks and contracting their last dims, so no transposed copy of the weights is
+made in HBM. Operands are whole-array refs in global memory indexed with `pl.ds`, so only the loaded tiles
+must be powers of two: k and n must be multiples of a power-of-two tile, which OLMoE (2048, 1024) and
+Qwen1.5-MoE (2048, 1408 = 11 x 128) are. The lowering is checked on CPU by exporting for CUDA
+(tests/test_pallas.py); the kernels run on CPU under the Pallas interpreter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from phds_jax.kernels.grouped_matmul import group_bounds
+
+__all__ = ["gmm_triton", "pow2_tile", "tgmm_triton"]
+
+MIN_DOT_TILE = 16  # tl.dot needs every dimension >= 16; the interpreter enforces it too, so CPU runs
+                   # accept exactly the shapes a GPU would
+
+
+def pow2_tile(dim: int, preferred: int, name: str, minimum: int = 1) -> int:
+  """Largest power of two <= `preferred` dividing `dim` (Triton tensors have power-of-two shapes)."""
+  tile = 1 << max(int(preferred), 1).bit_length() - 1
+  while tile > 1 and dim % tile:
+    tile //= 2
+  if tile < minimum:
+    raise NotImplementedError(f"pallas gmm (triton): {name}={dim} has no power-of-two tile >= {minimum} "
+                              f"dividing it (preferred tile {preferred})")
+  return tile
+
+
+def _row_tile(m: int, preferred: int, minimum: int) -> int:
+  """Row tile: rows are padded, so any power of two works; don't exceed what m needs."""
+  tile = max(minimum, 1 << max(int(preferred), 1).bit_length() - 1)
+  while tile // 2 >= max(m, minimum):
+    tile //= 2
+  return tile
+
+
+def _compiler_params(num_warps: int | None, num_stages: int | None):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _mask_rows(x: jax.Array, first_row: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  rows = first_row + lax.broadcasted_iota(jnp.int32, (x.shape[0], 1), 0)
+  return jnp.where((rows >= lo) & (rows < hi), x, jnp.zeros_like(x))
+
+
+def _tile_group_ranges(bounds, count: int, num_tiles: int, tile_m: int) -> tuple[jax.Array, jax.Array,
+                                                                                   jax.Array, jax.Array]:
+  """Per row tile, the range [lo, hi) of positions in the nonempty-group list that overlap it, and the
+  (start, end) rows of each listed group. Padding positions get start = end = INT32_MAX (never overlap)."""
+  big = jnp.iinfo(jnp.int32).max
+  listed = jnp.arange(count) < bounds.count
+  starts = jnp.where(listed, bounds.starts_G[bounds.nonempty_G], big)
+  ends = jnp.where(listed, bounds.ends_G[bounds.nonempty_G], big)
+  tile_lo = jnp.arange(num_tiles, dtype=jnp.int32) * tile_m
+  lo = jnp.searchsorted(ends, tile_lo, side="right").astype(jnp.int32)  # groups ending at/before the tile
+  hi = jnp.searchsorted(starts, tile_lo + tile_m, side="left").astype(jnp.int32)  # starting before its end
+  return lo, jnp.maximum(hi, lo), starts, ends
+
+
+def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m: int = 64,
+               tile_k: int = 64, tile_n: int = 128, transpose_rhs: bool = False, interpret: bool = False,
+               out_dtype=None, num_warps: int | None = 4, num_stages: int | None = 3) -> jax.Array:
+  """lhs[m,k] x rhs[G,k,n] (or rhs[G,n,k]ᵀ with transpose_rhs) -> [m,n] in out_dtype (default lhs's)."""
+  m, k = lhs.shape
+  num_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  tm = _row_tile(m, tile_m, MIN_DOT_TILE)
+  tk, tn = pow2_tile(k, tile_k, "k", MIN_DOT_TILE), pow2_tile(n, tile_n, "n", MIN_DOT_TILE)
+  num_tiles = pl.cdiv(m, tm)
+  lhs_p = jnp.pad(lhs, ((0, num_tiles * tm - m), (0, 0)))
+  bounds = group_bounds(group_sizes, m)
+  lo, hi, starts, ends = _tile_group_ranges(bounds, num_groups, num_tiles, tm)
+
+  def kernel(lo_ref, hi_ref, gid_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref):
+    t, j = pl.program_id(0), pl.program_id(1)
+    first_row = pl.multiple_of(t * tm, tm)
+    cols = pl.ds(pl.multiple_of(j * tn, tn), tn)
+
+    def group_step(c, acc):
+      g, row_lo, row_hi = gid_ref[c], start_ref[c], end_ref[c]
+
+      def k_step(kk, acc):
+        ks = pl.ds(pl.multiple_of(kk * tk, tk), tk)
+        x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi)
+        if transpose_rhs:
+          w = rhs_ref[g, cols, ks]  # [tn, tk]
+          return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + jnp.dot(x, rhs_ref[g, ks, cols], preferred_element_type=jnp.float32)
+
+      return lax.fori_loop(0, k // tk, k_step, acc)
+
+    acc = lax.fori_loop(lo_ref[t], hi_ref[t], group_step, jnp.zeros((tm, tn), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_tiles * tm, n), out_dtype),
+      grid=(num_tiles, n // tn),
+      out_specs=pl.BlockSpec((tm, tn), lambda t, j: (t, j)),
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name="phds_gmm",
+  )(lo, hi, bounds.nonempty_G, starts, ends, lhs_p, rhs)
+  return out[:m]
+
+
+def tgmm_triton(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile_m: int = 64,
+                tile_k: int = 64, tile_n: int = 64, interpret: bool = False, out_dtype=None,
+                num_warps: int | None = 4, num_stages: int | None = 3) -> jax.Array:
+  """out[g] = lhs_gᵀ grad_g over group g's rows -> [G,k,n] in out_dtype; empty groups are zero."""
+  m, k = lhs.shape
+  n = grad.shape[1]
+  num_groups = group_sizes.shape[0]
+  out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+  tm = _row_tile(m, tile_m, MIN_DOT_TILE)
+  tk, tn = pow2_tile(k, tile_k, "k", MIN_DOT_TILE), pow2_tile(n, tile_n, "n", MIN_DOT_TILE)
+  rows = pl.cdiv(m, tm) * tm
+  lhs_p = jnp.pad(lhs, ((0, rows - m), (0, 0)))
+  grad_p = jnp.pad(grad, ((0, rows - m), (0, 0)))
+  bounds = group_bounds(group_sizes, m)
+
+  def kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref):
+    g, a, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row_lo, row_hi = start_ref[g], end_ref[g]
+    ks = pl.ds(pl.multiple_of(a * tk, tk), tk)
+    ns = pl.ds(pl.multiple_of(b * tn, tn), tn)
+
+    def row_step(i, acc):
+      first_row = pl.multiple_of(i * tm, tm)
+      x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi)
+      d = _mask_rows(grad_ref[pl.ds(first_row, tm), ns], first_row, row_lo, row_hi)
+      return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    first_tile = row_lo // tm
+    last_tile = jnp.where(row_hi > row_lo, (row_hi + tm - 1) // tm, first_tile)
+    acc = lax.fori_loop(first_tile, last_tile, row_step, jnp.zeros((tk, tn), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      grid=(num_groups, k // tk, n // tn),
+      out_specs=pl.BlockSpec((None, tk, tn), lambda g, a, b: (g, a, b)),
+      compiler_params=_compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name="phds_tgmm",
+  )(bounds.starts_G, bounds.ends_G, lhs_p, grad_p)
