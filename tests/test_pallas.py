@@ -10,7 +10,7 @@ import pytest
 
 from phds_jax import kernels, models
 from phds_jax.kernels.pallas_gmm import BACKENDS, gmm_pallas, tgmm_pallas
-from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton
+from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton, pallas_permute
 from phds_jax.kernels.pallas_gmm_tpu import make_work_items
 from phds_jax.kernels.pallas_routing import route_pallas
 from phds_jax.models import router
@@ -132,16 +132,38 @@ def test_gmm_grads_match_ragged_dot(backend):
 @pytest.mark.parametrize("mode", router.ROUTER_MODES)
 @pytest.mark.parametrize("norm", (False, True))
 def test_route_pallas_matches_route(mode, norm):
-  k_pre, num_tokens, num_experts = 3, 13, 8  # T off the token tile
-  logits = jnp.asarray(np.random.default_rng(4).normal(size=(num_tokens, num_experts)), jnp.float32)
+  """The fused kernel vs the jnp router at every k: 6 experts (padded to 8 inside), T off the token tile,
+  a tie, masked tokens; weights, experts, load, aux losses and the gradient of a loss through them."""
+  k_pre, num_tokens, num_experts = 3, 13, 6
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(num_tokens, num_experts)), jnp.float32)
   logits = logits.at[0, 5].set(logits[0, 2])  # a tie: lower index first, as lax.top_k
+  mask = jnp.asarray(rng.random(num_tokens) > 0.3, jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(num_tokens, router.num_slots(k_pre, k_pre, mode))), jnp.float32)
   for k in range(1, k_pre + 1):
-    want = router.route(logits, k=k, k_pre=k_pre, mode=mode, eps=1e-3, norm_topk_prob=norm)
-    w, e, counts = route_pallas(logits, k=k, k_pre=k_pre, mode=mode, eps=1e-3, norm_topk_prob=norm)
-    assert w.shape == e.shape == want.weights_TxS.shape and e.dtype == jnp.int32
-    np.testing.assert_array_equal(e, want.experts_TxS)
-    np.testing.assert_allclose(w, want.weights_TxS, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(counts, want.expert_load_E)
+    def run(z, impl):
+      r = router.route(z, k=k, k_pre=k_pre, mode=mode, eps=1e-3, norm_topk_prob=norm, token_mask_T=mask,
+                       impl=impl)
+      return jnp.sum(r.weights_TxS * probe[:, :r.weights_TxS.shape[1]]) + r.lb_loss + 0.1 * r.z_loss, r
+
+    (_, want), g_want = jax.value_and_grad(run, has_aux=True)(logits, "jax")
+    (_, got), g_got = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)(logits, "pallas")
+    assert got.weights_TxS.shape == want.weights_TxS.shape and got.experts_TxS.dtype == jnp.int32
+    np.testing.assert_array_equal(got.experts_TxS, want.experts_TxS)
+    np.testing.assert_allclose(got.weights_TxS, want.weights_TxS, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got.expert_load_E, want.expert_load_E)
+    np.testing.assert_allclose(got.lb_loss, want.lb_loss, rtol=1e-6)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-7)
+
+
+def test_route_pallas_validates():
+  logits = jnp.zeros((4, 8))
+  with pytest.raises(ValueError, match="k=3 <= slots=2"):
+    route_pallas(logits, k=3, slots=2)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    route_pallas(logits, k=1, slots=1, tile_t=12)
+  with pytest.raises(ValueError, match="router impl 'triton'"):
+    router.route(logits, k=1, k_pre=1, impl="triton")
 
 
 def test_dispatch_pallas_on_cpu():
@@ -159,9 +181,10 @@ def test_dispatch_pallas_on_cpu():
 def test_tiny_model_pallas_equals_ragged_dot():
   tokens = jnp.arange(8, dtype=jnp.int32)[None] % 7
   params = models.init_params(models.tiny("olmoe", gmm_impl="ragged_dot"), jax.random.PRNGKey(0))
-  logits = {}  # params don't depend on gmm_impl: init once (it is the slow part)
+  logits = {}  # params don't depend on the impls: init once (it is the slow part)
   for impl in ("pallas", "ragged_dot"):
-    logits[impl] = models.jit_forward(models.tiny("olmoe", gmm_impl=impl))(params, tokens, k=2)[0]
+    cfg = models.tiny("olmoe", gmm_impl=impl, routing_impl="pallas" if impl == "pallas" else "jax")
+    logits[impl] = models.jit_forward(cfg)(params, tokens, k=2)[0]
   np.testing.assert_allclose(logits["pallas"], logits["ragged_dot"], rtol=1e-5, atol=1e-5)
 
 
@@ -229,7 +252,8 @@ def test_gmm_kernels_lower_for_hardware(experts, d, f, platform, fwd, tgmm):
 
 
 def test_train_step_pallas_equals_ragged_dot():
-  """One PHDS train step (two microbatches at different k, soft routing, AdamW): same loss, grads, params."""
+  """One PHDS train step (two microbatches at different k, soft routing) with the Pallas kernels (grouped
+  matmul, router, permutation) vs ragged_dot + the jnp routing: same loss, gradient norm and update."""
   import optax
   from phds_jax.training import step as train_step_lib
   rng = np.random.default_rng(7)
@@ -237,14 +261,40 @@ def test_train_step_pallas_equals_ragged_dot():
   batch = dict(tokens=tokens, targets=jnp.roll(tokens, -1, axis=-1), loss_mask=jnp.ones_like(tokens),
                positions=jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), tokens.shape),
                segment_ids=jnp.ones_like(tokens))
-  tx = optax.adamw(1e-2)
+  tx = optax.sgd(0.1)  # plain SGD: the update is -lr * grad (Adam would amplify float noise in ~0 grads)
   params = models.init_params(models.tiny("olmoe", gmm_impl="ragged_dot"), jax.random.PRNGKey(1))
   results = {}
   for impl in ("pallas", "ragged_dot"):
-    step = train_step_lib.make_train_step(models.tiny("olmoe", gmm_impl=impl), (1, 4), tx, mode="soft")
+    cfg = models.tiny("olmoe", gmm_impl=impl, routing_impl="pallas" if impl == "pallas" else "jax")
+    step = train_step_lib.make_train_step(cfg, (1, 4), tx, mode="soft")
     state, metrics = jax.jit(step)(train_step_lib.init_state(params, tx), batch, jnp.array([0, 1], jnp.int32))
     results[impl] = (metrics["loss"], metrics["grad_norm"], state.params)
   (loss_p, norm_p, params_p), (loss_r, norm_r, params_r) = results["pallas"], results["ragged_dot"]
   np.testing.assert_allclose(loss_p, loss_r, rtol=1e-5)
   np.testing.assert_allclose(norm_p, norm_r, rtol=1e-4)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_p, params_r)
+  update = lambda new: jax.tree_util.tree_map(jnp.subtract, new, params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                         update(params_p), update(params_r))
+
+
+@pytest.mark.parametrize("experts,k,mode", [(64, 8, "soft"), (64, 3, "hard"), (60, 4, "soft")],
+                         ids=["olmoe-soft", "olmoe-hard3", "qwen1.5-soft"])
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_router_kernel_lowers_for_hardware(experts, k, mode, platform):
+  slots = router.num_slots(k, 8 if experts == 64 else 4, mode)
+  backend = "triton" if platform == "cuda" else "mosaic_tpu"
+  fn = lambda z, m: route_pallas(z, k=k, slots=slots, token_mask=m, backend=backend, interpret=False)
+  text = _export(fn, platform, ((4096, experts), jnp.bfloat16), ((4096,), jnp.float32))
+  target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+  assert text.count(f"custom_call @{target}") == 1
+
+
+def test_permutation_kernels_lower_for_cuda():
+  """Row gather (dispatch) and the fused un-permute + weighted combine, OLMoE-sized, for the Triton lowering."""
+  tokens, slots, d = 4096, 8, 2048
+  gather = lambda x, i: pallas_permute.gather_rows_pallas(x, i)
+  combine = lambda y, i, w: pallas_permute.weighted_combine_pallas(y, i, w)
+  text = _export(gather, "cuda", ((tokens, d), jnp.bfloat16), ((tokens * slots,), jnp.int32))
+  text += _export(combine, "cuda", ((tokens * slots, d), jnp.bfloat16), ((tokens, slots), jnp.int32),
+                  ((tokens, slots), jnp.float32))
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from phds_jax.kernels.grouped_matmul import (gmm_dense, gmm_ragged_dot, gmm_tiled, tgmm_dense,
                                              tgmm_ragged_dot, tgmm_tiled)
 from phds_jax.kernels.pallas_gmm import gmm_pallas, tgmm_pallas
+from phds_jax.kernels.pallas_permute import gather_rows_pallas, weighted_combine_pallas
 
 IMPLS: tuple[str, ...] = ("auto", "pallas", "jax", "ragged_dot", "dense")
 AUTO_ORDER_CPU: tuple[str, ...] = ("jax", "ragged_dot")
@@ -33,7 +34,7 @@ AUTO_ORDER_ACCELERATOR: tuple[str, ...] = ("pallas", "ragged_dot", "jax")
 AUTO_ORDER_CPU_SMALL: tuple[str, ...] = ("ragged_dot", "jax")
 SMALL_PROBLEM_MACS = 1 << 24
 
-__all__ = ["IMPLS", "dispatch", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "impl_order", "tgmm",
+__all__ = ["IMPLS", "PERMUTE_IMPLS", "dispatch", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "impl_order", "tgmm",
            "tgmm_dense", "tgmm_pallas", "tgmm_ragged_dot", "tgmm_tiled"]
 
 
@@ -144,3 +145,41 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = 
   check_tgmm_shapes(lhs, rhs, group_sizes)
   order = impl_order(impl, dense_macs=group_sizes.shape[0] * lhs.shape[0] * lhs.shape[1] * rhs.shape[1])
   return dispatch("tgmm", order, lhs, rhs, group_sizes, tile_m, preferred_element_type)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token permutation: row gather and the fused un-permute + weighted slot sum.
+# ----------------------------------------------------------------------------------------------------------
+
+PERMUTE_IMPLS: tuple[str, ...] = ("jax", "pallas")
+
+
+def _permute_kernel_usable(impl: str) -> bool:
+  """"pallas" runs the Triton kernels on GPU and the interpreter on CPU; TPU has no vector gather: jnp."""
+  if impl not in PERMUTE_IMPLS:
+    raise ValueError(f"unknown permutation impl {impl!r}; valid: {', '.join(PERMUTE_IMPLS)}")
+  return impl == "pallas" and jax.default_backend() in ("gpu", "cpu")
+
+
+def gather_rows(x_RxD: jax.Array, idx_N: jax.Array, *, impl: str = "jax") -> jax.Array:
+  """x[idx] (rows)."""
+  if _permute_kernel_usable(impl):
+    try:
+      return gather_rows_pallas(x_RxD, idx_N, interpret=jax.default_backend() == "cpu")
+    except NotImplementedError:
+      pass
+  return x_RxD[idx_N]
+
+
+def weighted_combine(ys_NxD: jax.Array, inverse_TxS: jax.Array, weights_TxS: jax.Array, *, out_dtype,
+                     impl: str = "jax") -> jax.Array:
+  """out[t] = sum_s weights[t,s] * ys[inverse[t,s]], summed in fp32, in out_dtype."""
+  if _permute_kernel_usable(impl):
+    try:
+      return weighted_combine_pallas(ys_NxD, inverse_TxS, weights_TxS, out_dtype=out_dtype,
+                                     interpret=jax.default_backend() == "cpu")
+    except NotImplementedError:
+      pass
+  num_tokens, slots = inverse_TxS.shape
+  y_TxSxD = ys_NxD[inverse_TxS.reshape(-1)].reshape(num_tokens, slots, -1)
+  return jnp.einsum("tsd,ts->td", y_TxSxD.astype(jnp.float32), weights_TxS.astype(jnp.float32)).astype(out_dtype)

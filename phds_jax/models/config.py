@@ -32,6 +32,7 @@ import jax.numpy as jnp
 ModelType = Literal["olmoe", "qwen2_moe", "qwen3_moe"]
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("olmoe", "qwen2_moe", "qwen3_moe")
 GMM_IMPLS: tuple[str, ...] = ("auto", "pallas", "jax", "ragged_dot", "dense")
+ROUTING_IMPLS: tuple[str, ...] = ("jax", "pallas")  # see models.router and kernels.pallas_permute
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -70,6 +71,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   gmm_impl: str = "auto"  # grouped-matmul implementation, see phds_jax.kernels.gmm
+  # 'jax' | 'pallas': the routing kernels (fused top-k selection, token permutation, weighted combine).
+  routing_impl: str = "jax"
   moe_impl: Literal["sparse", "dense"] = "sparse"  # 'dense' = masked reference (tests only)
   # Fields of the source config.json we do not model (token ids, architectures, ...), kept as JSON so that
   # `hf.save` writes them back; a string keeps the dataclass hashable.
@@ -117,6 +120,7 @@ def validate(cfg: ModelConfig) -> None:
   need(cfg.dtype in _DTYPES and cfg.param_dtype in _DTYPES,
        f"dtype/param_dtype must be in {_DTYPES}, got {cfg.dtype}/{cfg.param_dtype}")
   need(cfg.gmm_impl in GMM_IMPLS, f"gmm_impl {cfg.gmm_impl!r} is not one of {GMM_IMPLS}")
+  need(cfg.routing_impl in ROUTING_IMPLS, f"routing_impl {cfg.routing_impl!r} is not one of {ROUTING_IMPLS}")
   need(cfg.moe_impl in ("sparse", "dense"), f"moe_impl {cfg.moe_impl!r}")
 
 

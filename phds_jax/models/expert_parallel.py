@@ -29,13 +29,13 @@ def active_mesh():
   return mesh
 
 
-def _exchanged_experts(x_TxD, weights_TxS, experts_TxS, wi_LxDx2F, wo_LxFxD, *, impl, shards):
+def _exchanged_experts(x_TxD, weights_TxS, experts_TxS, wi_LxDx2F, wo_LxFxD, *, impl, permute_impl, shards):
   """Experts split over `shards` devices of the expert axis; slots exchanged with all_to_all."""
   num_tokens, slots = experts_TxS.shape
   local_e = wi_LxDx2F.shape[0]
   n = num_tokens * slots
   order_N, inverse_N, sizes_E = sort_by_expert(experts_TxS, local_e * shards)
-  xs_NxD = dispatch(x_TxD, order_N, inverse_N, slots)  # sorted by expert = grouped by destination shard
+  xs_NxD = dispatch(x_TxD, order_N, inverse_N, slots, permute_impl)  # sorted by expert = grouped by destination shard
 
   # Send buffer [shards, n, D]: block j holds the rows for shard j's experts, zero-padded.
   sizes_PxL = sizes_E.reshape(shards, local_e)
@@ -61,10 +61,11 @@ def _exchanged_experts(x_TxD, weights_TxS, experts_TxS, wi_LxDx2F, wo_LxFxD, *, 
   # Row r of the sorted slots went to shard dest(r) at offset r - start(dest).
   dest_N = jnp.sort(experts_TxS.reshape(-1)) // local_e
   ys_NxD = back_PxNxD[dest_N, row_N - send_starts_P[dest_N]]
-  return combine(ys_NxD, order_N, inverse_N, weights_TxS, x_TxD.dtype)
+  return combine(ys_NxD, order_N, inverse_N, weights_TxS, x_TxD.dtype, permute_impl)
 
 
-def routed_experts_sharded(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD, *, impl, mesh):
+def routed_experts_sharded(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD, *, impl, mesh,
+                           permute_impl="jax"):
   """Routed expert FFN over `mesh`: tokens sharded on every axis, experts on the `expert` axis."""
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   batch_shards = 1
@@ -77,10 +78,10 @@ def routed_experts_sharded(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD,
     raise ValueError(f"{wi_ExDx2F.shape[0]} experts do not split over expert axis of size {shards}")
   tok = P(axes, None)
   if shards > 1:
-    fn = lambda *a: _exchanged_experts(*a, impl=impl, shards=shards)
+    fn = lambda *a: _exchanged_experts(*a, impl=impl, permute_impl=permute_impl, shards=shards)
     w_spec = P(EXPERT_AXIS, None, None)
   else:
-    fn = lambda *a: routed_experts(*a, impl=impl)  # all experts local: the single-device computation
+    fn = lambda *a: routed_experts(*a, impl=impl, permute_impl=permute_impl)  # all experts local: the single-device computation
     w_spec = P(None, None, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec), out_specs=tok,
                        check_vma=False)(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD)

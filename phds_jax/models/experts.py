@@ -19,44 +19,30 @@ from phds_jax.models.layers import swiglu
 # Permutations with gather-only backward passes (no scatter-add).
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def dispatch(x_TxD: jax.Array, order_N: jax.Array, inverse_N: jax.Array, slots: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dispatch(x_TxD: jax.Array, order_N: jax.Array, inverse_N: jax.Array, slots: int,
+             impl: str = "jax") -> jax.Array:
   """Rows of x for each (token, slot), sorted by expert: out[n] = x[order[n] // slots].
 
-  The backward pass gathers the cotangent with the inverse permutation and sums each token's slots: a
-  gather and a reshape, cheaper and deterministic compared with a scatter-add.
+  The backward pass gathers the cotangent with the inverse permutation and sums each token's slots (a
+  weighted combine with unit weights): cheaper and deterministic compared with a scatter-add.
+  `impl`: "jax" or "pallas" (kernels.gather_rows / weighted_combine).
   """
-  return x_TxD[order_N // slots]
+  return kernels.gather_rows(x_TxD, order_N // slots, impl=impl)
 
 
-def _dispatch_fwd(x_TxD, order_N, inverse_N, slots):
-  return x_TxD[order_N // slots], (inverse_N, x_TxD.shape[0])
+def _dispatch_fwd(x_TxD, order_N, inverse_N, slots, impl):
+  return dispatch(x_TxD, order_N, inverse_N, slots, impl), (inverse_N, x_TxD.shape[0])
 
 
-def _dispatch_bwd(slots, res, g_NxD):
+def _dispatch_bwd(slots, impl, res, g_NxD):
   inverse_N, num_tokens = res
-  g_TxD = g_NxD[inverse_N].reshape(num_tokens, slots, -1).sum(axis=1)
-  return g_TxD, None, None
+  inverse_TxS = inverse_N.reshape(num_tokens, slots)
+  ones_TxS = jnp.ones(inverse_TxS.shape, jnp.float32)
+  return kernels.weighted_combine(g_NxD, inverse_TxS, ones_TxS, out_dtype=g_NxD.dtype, impl=impl), None, None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def permute(x_NxD: jax.Array, perm_N: jax.Array, inverse_N: jax.Array) -> jax.Array:
-  """x[perm] for a bijection perm; backward is the gather g[inverse]."""
-  return x_NxD[perm_N]
-
-
-def _permute_fwd(x_NxD, perm_N, inverse_N):
-  return x_NxD[perm_N], inverse_N
-
-
-def _permute_bwd(inverse_N, g_NxD):
-  return g_NxD[inverse_N], None, None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def sort_by_expert(experts_TxS: jax.Array, num_experts: int):
@@ -72,22 +58,46 @@ def sort_by_expert(experts_TxS: jax.Array, num_experts: int):
 # Routed experts: sparse (production) and dense masked (reference).
 # ----------------------------------------------------------------------------------------------------------
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def combine(ys_NxD: jax.Array, order_N: jax.Array, inverse_N: jax.Array, weights_TxS: jax.Array,
-            dtype) -> jax.Array:
-  """Un-sorts expert outputs back to (token, slot) and sums each token's slots with its routing weights."""
+            dtype, impl: str = "jax") -> jax.Array:
+  """Un-sorts expert outputs back to (token, slot) and sums each token's slots with its routing weights.
+
+  Gather-only backward: d ys[n] = w[n] * g[token(n)] (a row gather by order), d w[t,s] = <g[t], ys[inv[t,s]]>.
+  """
+  inverse_TxS = inverse_N.reshape(weights_TxS.shape)
+  return kernels.weighted_combine(ys_NxD, inverse_TxS, weights_TxS, out_dtype=dtype, impl=impl)
+
+
+def _combine_fwd(ys_NxD, order_N, inverse_N, weights_TxS, dtype, impl):
+  out = combine(ys_NxD, order_N, inverse_N, weights_TxS, dtype, impl)
+  return out, (ys_NxD, order_N, inverse_N, weights_TxS)
+
+
+def _combine_bwd(dtype, impl, res, g_TxD):
+  ys_NxD, order_N, inverse_N, weights_TxS = res
   num_tokens, slots = weights_TxS.shape
-  y_TxSxD = permute(ys_NxD, inverse_N, order_N).reshape(num_tokens, slots, -1)
-  return jnp.einsum("tsd,ts->td", y_TxSxD.astype(jnp.float32), weights_TxS).astype(dtype)
+  g_NxD = kernels.gather_rows(g_TxD, order_N // slots, impl=impl).astype(jnp.float32)
+  w_N = weights_TxS.reshape(-1)[order_N]
+  d_ys = (g_NxD * w_N[:, None]).astype(ys_NxD.dtype)
+  y_TxSxD = ys_NxD[inverse_N].reshape(num_tokens, slots, -1).astype(jnp.float32)
+  d_w = jnp.einsum("td,tsd->ts", g_TxD.astype(jnp.float32), y_TxSxD).astype(weights_TxS.dtype)
+  return d_ys, None, None, d_w
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
 
 
 def routed_experts(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Array, wi_ExDx2F: jax.Array,
-                   wo_ExFxD: jax.Array, *, impl: str = "auto") -> jax.Array:
-  """Dropless expert FFN: every (token, slot) is computed by its expert; cost ∝ tokens × slots."""
+                   wo_ExFxD: jax.Array, *, impl: str = "auto", permute_impl: str = "jax") -> jax.Array:
+  """Dropless expert FFN: every (token, slot) is computed by its expert; cost ∝ tokens × slots.
+
+  `impl`: grouped-matmul implementation; `permute_impl`: "jax" | "pallas" for dispatch and combine."""
   order_N, inverse_N, group_sizes_E = sort_by_expert(experts_TxS, wi_ExDx2F.shape[0])
-  xs_NxD = dispatch(x_TxD, order_N, inverse_N, experts_TxS.shape[1])
+  xs_NxD = dispatch(x_TxD, order_N, inverse_N, experts_TxS.shape[1], permute_impl)
   h_Nx2F = kernels.gmm(xs_NxD, wi_ExDx2F, group_sizes_E, impl=impl)
   ys_NxD = kernels.gmm(swiglu(h_Nx2F), wo_ExFxD, group_sizes_E, impl=impl)
-  return combine(ys_NxD, order_N, inverse_N, weights_TxS, x_TxD.dtype)
+  return combine(ys_NxD, order_N, inverse_N, weights_TxS, x_TxD.dtype, permute_impl)
 
 
 def routed_experts_dense(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Array,

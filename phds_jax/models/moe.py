@@ -27,7 +27,8 @@ class MoeBlock(nn.Module):
     logits_TxE = Linear(e, cfg, name="router")(x_TxD)
     token_mask_T = None if token_mask_BxT is None else token_mask_BxT.reshape(b * t)
     routing = router_lib.route(logits_TxE, k=k, k_pre=cfg.k_pre, mode=mode, eps=cfg.router_eps,
-                               norm_topk_prob=cfg.norm_topk_prob, token_mask_T=token_mask_T)
+                               norm_topk_prob=cfg.norm_topk_prob, token_mask_T=token_mask_T,
+                               impl=cfg.routing_impl)
     wi = self.param("wi", kernel_init, (e, d, 2 * f), cfg.weight_dtype).astype(cfg.compute_dtype)
     wo = self.param("wo", kernel_init, (e, f, d), cfg.weight_dtype).astype(cfg.compute_dtype)
     x_TxD = x_TxD.astype(cfg.compute_dtype)
@@ -36,9 +37,10 @@ class MoeBlock(nn.Module):
     if cfg.moe_impl == "dense":
       y_TxD = experts_lib.routed_experts_dense(*args)
     elif mesh is not None:
-      y_TxD = expert_parallel.routed_experts_sharded(*args, impl=cfg.gmm_impl, mesh=mesh)
+      y_TxD = expert_parallel.routed_experts_sharded(*args, impl=cfg.gmm_impl, mesh=mesh,
+                                                     permute_impl=cfg.routing_impl)
     else:
-      y_TxD = experts_lib.routed_experts(*args, impl=cfg.gmm_impl)
+      y_TxD = experts_lib.routed_experts(*args, impl=cfg.gmm_impl, permute_impl=cfg.routing_impl)
     if cfg.shared_ffn:
       gate_Tx1 = jax.nn.sigmoid(Linear(1, cfg, name="shared_gate")(x_TxD))
       y_TxD = y_TxD + gate_Tx1 * MLP(cfg, cfg.shared_ffn, name="shared")(x_TxD)
