@@ -1,8 +1,11 @@
-"""CPU benchmark of the grouped matmul: tiled JAX loop vs ragged_dot vs a dense matmul of the same FLOPs.
+"""Grouped-matmul benchmark: our kernels vs ragged_dot vs a dense matmul of the same FLOPs, side by side.
 
-  python benchmarks/gmm.py                 # default shapes, fp32, ~1-2 min on 2 cores
+  python benchmarks/gmm.py                 # CPU: tiled JAX loop, default shapes, fp32, ~1-2 min on 2 cores
   python benchmarks/gmm.py --full          # more shapes (slow: ragged_dot is O(G·m) on CPU)
   python benchmarks/gmm.py --dtype bfloat16 --tile-m 64 --reps 9
+  python benchmarks/gmm.py --sweep olmoe   # GPU/TPU: Pallas vs ragged_dot vs dense bf16, TFLOP/s, at the
+  python benchmarks/gmm.py --sweep qwen    #   model's expert shapes, tokens 16..65536, k = 1..k_pre
+  python benchmarks/gmm.py --sweep olmoe --tokens 16 --ks 1 8 --scale 16 --reps 1 --check  # CPU smoke run
 
 Columns (ms, median of --reps jitted runs after a warm-up, block_until_ready):
   jax      phds_jax.kernels.gmm(impl="jax"): loops over groups and row windows (the CPU default);
@@ -124,6 +127,69 @@ def bench_shape(m, num_groups, k, n, args, rng):
   return f"{ladder[0]}/{bt}", out
 
 
+# --sweep: (experts, d_model, moe ffn, k_pre) of the target models; both projections are timed:
+# wi [d -> 2 ffn] (gate and up fused) and wo [ffn -> d].
+SWEEPS = {"olmoe": (64, 2048, 1024, 8), "qwen": (60, 2048, 1408, 4)}
+SWEEP_TOKENS = (16, 128, 1024, 8192, 65536)
+
+
+def sweep_line(impls, m, num_groups, k, n, args, rng):
+  """{impl: (fwd ms, fwd+bwd ms)} for one projection; 'dense' is one [m,k]x[k,n] matmul."""
+  dtype = jnp.dtype(args.dtype)
+  lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
+  rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), dtype)
+  gs = jnp.asarray(group_sizes_for(m, num_groups, rng, args.balanced))
+  tiles = dict(tile_m=args.tile_m, tile_k=args.tile_k, tile_n=args.tile_n)
+  fns = {
+      "pallas": lambda a, b, g: kernels.gmm_pallas(a, b, g, **tiles),
+      "ragged": lambda a, b, g: kernels.gmm(a, b, g, impl="ragged_dot"),
+      "jax": lambda a, b, g: kernels.gmm(a, b, g, impl="jax"),
+      "dense": lambda a, b, g: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype),
+  }
+  if args.check and "pallas" in impls:
+    err = np.abs(np.asarray(fns["pallas"](lhs, rhs, gs), np.float32) - np.asarray(fns["ragged"](lhs, rhs, gs),
+                                                                                 np.float32)).max()
+    assert err < (1e-2 if dtype == jnp.float32 else 0.25), ("pallas vs ragged_dot", err)
+  cot = jnp.asarray(rng.normal(size=(m, n)), dtype)
+  out = {}
+  for name in impls:
+    f = fns[name]
+    grad = jax.grad(lambda a, b, g, f=f: jnp.sum(f(a, b, g).astype(jnp.float32) * cot), argnums=(0, 1))
+    out[name] = (timed(jax.jit(f), lhs, rhs, gs, reps=args.reps),
+                 timed(jax.jit(grad), lhs, rhs, gs, reps=args.reps))
+  return out
+
+
+def run_sweep(args):
+  """TFLOP/s per impl and the ratios the issue targets: pallas/ragged_dot and pallas/dense (>= 8k tokens)."""
+  experts, d, ffn, k_pre = SWEEPS[args.sweep]
+  d, ffn = d // args.scale, ffn // args.scale
+  impls = args.impls.split(",") if args.impls != DEFAULT_IMPLS else ["pallas", "ragged", "dense"]
+  ks = args.ks or list(range(1, k_pre + 1))
+  rng = np.random.default_rng(0)
+  cols = " ".join(f"{c:>8}" for c in impls)
+  print(f"sweep {args.sweep}: {experts} experts, d {d}, ffn {ffn}, k_pre {k_pre}; groups Dirichlet(1) unless "
+        f"--balanced; TFLOP/s (useful FLOPs = 2mkn; "
+        f"fwd+bwd counts 3x)")
+  print(f"{'proj':<4} {'tokens':>6} {'k':>2} {'rows':>7} | fwd {cols} {'pl/rd':>6} {'pl/dn':>6} | "
+        f"fwd+bwd {cols} {'pl/rd':>6} {'pl/dn':>6}")
+  for tokens in args.tokens or SWEEP_TOKENS:
+    for k in ks:
+      m = tokens * k
+      for proj, (kk, n) in (("wi", (d, 2 * ffn)), ("wo", (ffn, d))):
+        res = sweep_line(impls, m, experts, kk, n, args, rng)
+        parts = []
+        for mode, flops in ((0, 2 * m * kk * n), (1, 6 * m * kk * n)):
+          tflops = {c: flops / (res[c][mode] * 1e-3) / 1e12 for c in impls}
+          ratio = lambda a, b: tflops[a] / tflops[b] if a in tflops and b in tflops else float("nan")
+          parts.append(" ".join(f"{tflops[c]:8.3g}" for c in impls)
+                       + f" {ratio('pallas', 'ragged'):6.2f} {ratio('pallas', 'dense'):6.2f}")
+        print(f"{proj:<4} {tokens:>6} {k:>2} {m:>7} | fwd {parts[0]} | fwd+bwd {parts[1]}", flush=True)
+
+
+DEFAULT_IMPLS = "jax,batched,ragged,dense"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--full", action="store_true", help="more shapes (slower)")
@@ -132,15 +198,24 @@ def main():
                       help="jax: largest window (default 128); batched: its one tile (default: shape heuristic)")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--balanced", action="store_true", help="equal group sizes instead of Dirichlet(1)")
-  parser.add_argument("--impls", default="jax,batched,ragged,dense", help="columns to time (others: nan)")
+  parser.add_argument("--impls", default=DEFAULT_IMPLS,
+                      help="columns to time (others: nan); --sweep: pallas,ragged,dense (also: jax)")
   parser.add_argument("--check", action="store_true", help="also check outputs against ragged_dot")
+  parser.add_argument("--sweep", choices=sorted(SWEEPS), help="model-shape sweep for GPU/TPU (see above)")
+  parser.add_argument("--tokens", type=int, nargs="+", help=f"--sweep token counts (default {SWEEP_TOKENS})")
+  parser.add_argument("--ks", type=int, nargs="+", help="--sweep top-k values (default 1..k_pre)")
+  parser.add_argument("--scale", type=int, default=1, help="--sweep: divide d and ffn (CPU smoke runs)")
+  parser.add_argument("--tile-k", type=int, default=None, help="--sweep: pallas tile_k (default per backend)")
+  parser.add_argument("--tile-n", type=int, default=None, help="--sweep: pallas tile_n (default per backend)")
   args = parser.parse_args()
-  args.impls = args.impls.split(",")
 
   print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
         f"{os.cpu_count()} cpus | python {platform.python_version()}")
   print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.devices()[0].device_kind} | "
         f"dtype {args.dtype} | groups {'balanced' if args.balanced else 'Dirichlet(1)'} | median of {args.reps}")
+  if args.sweep:
+    return run_sweep(args)
+  args.impls = args.impls.split(",")
   cols = ("jax", "batched", "ragged", "dense")
   head = " ".join(f"{c:>8}" for c in cols) + f" {'rd/jax':>7} {'jax/dn':>7}"
   print(f"{'shape':<16} {'m':>6} {'G':>4} {'k->n':>9} {'tiles':>7} | fwd ms {head} | fwd+bwd ms {head}")

@@ -3,8 +3,13 @@ r"""One MoE layer forward (hard mode) at k = 1..k_pre: does time fall with k?
     python benchmarks/moe_layer.py                      # CPU: OLMoE layout scaled down (d 512, ffn 256)
     python benchmarks/moe_layer.py --preset=olmoe       # true OLMoE width: d 2048, 64 experts, ffn 1024
     python benchmarks/moe_layer.py --preset=qwen        # Qwen1.5-MoE: 60 experts, ffn 1408, shared expert
+    python benchmarks/moe_layer.py --preset=olmoe --dtype bfloat16 --impls pallas ragged_dot \
+        --routing-impl pallas --tokens 1 16384                           # GPU: decode step and prefill
 
-Prints t(k)/t(k_pre) beside k/k_pre for each gmm implementation, all measured in one run.
+Prints t(k)/t(k_pre) beside k/k_pre for each gmm implementation, all measured in one run (the target on
+GPU/TPU: t(k)/t(k_pre) <= k/k_pre + 0.10). At small token counts it also prints the weight-read floor: the
+bytes of the expert weights the step must read (distinct experts hit x expert size, plus router and shared
+expert) over the memory bandwidth measured in the same run with a large copy.
 """
 
 from __future__ import annotations
@@ -37,6 +42,22 @@ def layer_times(cfg: models.ModelConfig, tokens: int, impls: list[str]) -> dict[
   return out
 
 
+def memory_bandwidth_gbps(megabytes: int = 512) -> float:
+  """Achieved bandwidth of a large elementwise op (reads and writes every byte once), GB/s."""
+  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  ms = median_ms(jax.jit(lambda a: a * 2.0), x, repeats=5, warmup=1)
+  return 2 * x.nbytes / (ms * 1e-3) / 1e9
+
+
+def weight_floor_ms(cfg: models.ModelConfig, tokens: int, k: int, gbps: float) -> float:
+  """Lower bound of a decode-size step: read every expert hit at least once (at most min(E, tokens*k))."""
+  itemsize = jnp.dtype(cfg.param_dtype).itemsize
+  expert = 3 * cfg.hidden_size * cfg.moe_ffn
+  fixed = cfg.hidden_size * cfg.num_experts + 3 * cfg.hidden_size * cfg.shared_ffn
+  weight_bytes = (min(cfg.num_experts, tokens * k) * expert + fixed) * itemsize
+  return weight_bytes / (gbps * 1e9) * 1e3
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -44,20 +65,28 @@ def main():
   parser.add_argument("--impls", nargs="+", default=["jax"],
                       help="gmm implementations; ragged_dot is dense over experts on CPU (very slow there)")
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--routing-impl", default="jax", choices=("jax", "pallas"),
+                      help="router/permutation kernels (pallas: Triton on GPU, the interpreter on CPU)")
   args = parser.parse_args()
   preset = dict(PRESETS[args.preset])
   cfg = models.ModelConfig(**{**dict(model_type="olmoe", vocab_size=8, num_layers=1, num_heads=1,
                                       num_kv_heads=1, head_dim=2), **preset},
-                           dtype=args.dtype, param_dtype=args.dtype)
+                           dtype=args.dtype, param_dtype=args.dtype, routing_impl=args.routing_impl)
   print(f"# {machine()}")
   print(f"# MoE layer forward, hard mode, preset={args.preset} d={cfg.hidden_size} E={cfg.num_experts} "
-        f"ffn={cfg.moe_ffn} shared={cfg.shared_ffn} dtype={args.dtype}")
+        f"ffn={cfg.moe_ffn} shared={cfg.shared_ffn} dtype={args.dtype} routing={args.routing_impl}")
+  gbps = memory_bandwidth_gbps() if min(args.tokens) * cfg.k_pre < 4 * cfg.num_experts else None
+  if gbps:
+    print(f"# measured memory bandwidth: {gbps:.0f} GB/s (elementwise copy of 512 MiB)")
   for tokens in args.tokens:
     times = layer_times(cfg, tokens, args.impls)
+    show_floor = gbps is not None and tokens * cfg.k_pre < 4 * cfg.num_experts
     header = " ".join(f"{impl + ' ms':>14} {'t/t_pre':>8}" for impl in args.impls)
+    header += f" {'floor ms':>9}" if show_floor else ""
     print(f"\ntokens={tokens}\n{'k':>3} {'k/k_pre':>8} {header}")
     for i in range(cfg.k_pre):
-      cols = " ".join(f"{times[impl][i]:>14.2f} {times[impl][i] / times[impl][-1]:>8.2f}" for impl in args.impls)
+      cols = " ".join(f"{times[impl][i]:>14.3f} {times[impl][i] / times[impl][-1]:>8.2f}" for impl in args.impls)
+      cols += f" {weight_floor_ms(cfg, tokens, i + 1, gbps):>9.3f}" if show_floor else ""
       print(f"{i + 1:>3} {(i + 1) / cfg.k_pre:>8.2f} {cols}")
 
 
