@@ -14,8 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(kind="hf", path=""))  # hf | orbax | scratch
   c.tokenizer_dir = ""  # default: init.path
   # ModelConfig overrides applied after loading: bf16 compute over fp32 master weights.
+  # gmm_impl / routing_impl: kernels (README, "Installing for GPU or TPU"); router_eps (paper: ε = 1e-6).
   c.model = ml_collections.ConfigDict(dict(dtype="bfloat16", param_dtype="float32", gmm_impl="auto",
-                                           router_eps=1e-6))  # router_eps (paper: ε = 1e-6)
+                                           routing_impl="jax", router_eps=1e-6))
   c.scratch_model = ml_collections.ConfigDict()  # ModelConfig fields, for init.kind == "scratch"
   c.router_mode = "soft"  # (paper) soft top-k mask: static k_pre slots, ε past k
   c.schedule = ml_collections.ConfigDict(dict(
