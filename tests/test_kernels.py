@@ -8,6 +8,7 @@ import pytest
 
 from phds_jax import kernels
 from phds_jax.kernels import grouped_matmul as gm
+from tests.grouped_reference import np_gmm, np_tgmm, operands
 
 GMM_IMPLS = ("auto", "jax", "ragged_dot", "dense")
 _STATIC = ("impl", "tile_m", "preferred_element_type")
@@ -26,43 +27,15 @@ CASES = [
 ]
 
 
-def _operands(m, g, k, n, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
-  rhs = jnp.asarray(rng.normal(size=(g, k, n)), dtype)
-  return lhs, rhs
-
-
-def _np_gmm(lhs, rhs, sizes):
-  """Per-group loop in float64; rows past the last group stay zero."""
-  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-  out = np.zeros((lhs.shape[0], rhs.shape[2]))
-  start = 0
-  for g, size in enumerate(sizes):
-    out[start:start + size] = lhs[start:start + size] @ rhs[g]
-    start += size
-  return out
-
-
-def _np_tgmm(lhs, rhs, sizes):
-  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-  out = np.zeros((len(sizes), lhs.shape[1], rhs.shape[1]))
-  start = 0
-  for g, size in enumerate(sizes):
-    out[g] = lhs[start:start + size].T @ rhs[start:start + size]
-    start += size
-  return out
-
-
 @pytest.mark.parametrize("impl", ("jax", "ragged_dot", "dense"))  # "auto" is "jax" here: see the dispatch tests
 @pytest.mark.parametrize("m,G,k,n,sizes,tile_m", CASES)
 def test_gmm_fp32_matches_references(impl, m, G, k, n, sizes, tile_m):
-  lhs, rhs = _operands(m, G, k, n)
+  lhs, rhs = operands(m, G, k, n)
   gs = jnp.asarray(sizes, jnp.int32)
   out = gmm(lhs, rhs, gs, impl=impl, tile_m=tile_m)
   chex.assert_shape(out, (m, n))
   chex.assert_type(out, jnp.float32)
-  np.testing.assert_allclose(out, _np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out, ragged_dot(lhs, rhs, gs), rtol=1e-5, atol=1e-5)
   assert not np.asarray(out[sum(sizes):]).any(), "rows past sum(group_sizes) must be exactly zero"
 
@@ -75,9 +48,9 @@ def test_gmm_tiled_random_group_sizes(seed):
   sizes = rng.multinomial(m - seed * 3, rng.dirichlet(np.full(G, 0.5))).astype(np.int32)
   sizes[rng.integers(G)] = 0
   sizes[-1] += m - seed * 3 - sizes.sum()
-  lhs, rhs = _operands(m, G, 8, 6, seed=seed)
+  lhs, rhs = operands(m, G, 8, 6, seed=seed)
   gs = jnp.asarray(sizes)
-  want = _np_gmm(lhs, rhs, sizes)
+  want = np_gmm(lhs, rhs, sizes)
   for tile_m in (8, 64):
     np.testing.assert_allclose(gmm(lhs, rhs, gs, impl="jax", tile_m=tile_m), want, rtol=1e-5, atol=1e-5)
 
@@ -85,12 +58,12 @@ def test_gmm_tiled_random_group_sizes(seed):
 @pytest.mark.parametrize("impl", GMM_IMPLS)
 def test_gmm_bf16(impl):
   m, G, k, n, sizes = 45, 4, 32, 16, [10, 0, 21, 9]
-  lhs, rhs = _operands(m, G, k, n, jnp.bfloat16)
+  lhs, rhs = operands(m, G, k, n, jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
   out = gmm(lhs, rhs, gs, impl=impl, tile_m=16)
   chex.assert_shape(out, (m, n))
   chex.assert_type(out, jnp.bfloat16)
-  want = _np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
+  want = np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
   np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=5e-2)
   assert not np.asarray(out[sum(sizes):].astype(jnp.float32)).any()
   out32 = gmm(lhs, rhs, gs, impl=impl, tile_m=16, preferred_element_type=jnp.float32)
@@ -106,7 +79,7 @@ def _grads(fn, lhs, rhs, gs, cot):
 @pytest.mark.parametrize("impl,m,G,k,n,sizes,tile_m", [("jax", *CASES[i].values) for i in (0, 1, 2)] + [
     ("dense", *CASES[1].values)])
 def test_gmm_grads_match_ragged_dot(impl, m, G, k, n, sizes, tile_m):
-  lhs, rhs = _operands(m, G, k, n)
+  lhs, rhs = operands(m, G, k, n)
   gs = jnp.asarray(sizes, jnp.int32)
   cot = jnp.asarray(np.random.default_rng(1).normal(size=(m, n)), jnp.float32)
   dlhs, drhs = _grads(lambda a, b, g: kernels.gmm(a, b, g, impl=impl, tile_m=tile_m), lhs, rhs, gs, cot)
@@ -118,7 +91,7 @@ def test_gmm_grads_match_ragged_dot(impl, m, G, k, n, sizes, tile_m):
 
 
 def test_gmm_tiled_grads_bf16_keep_input_dtypes():
-  lhs, rhs = _operands(40, 3, 16, 8, jnp.bfloat16)
+  lhs, rhs = operands(40, 3, 16, 8, jnp.bfloat16)
   gs = jnp.asarray([12, 0, 25], jnp.int32)
   cot = jnp.ones((40, 8), jnp.float32)
   dlhs, drhs = _grads(lambda a, b, g: gm.gmm_tiled(a, b, g, tile_m=8), lhs, rhs, gs, cot)
@@ -131,11 +104,11 @@ def test_gmm_tiled_grads_bf16_keep_input_dtypes():
 
 def test_gmm_jit_and_retrace_free_group_sizes():
   """Group sizes are traced values: one compilation serves every routing."""
-  lhs, rhs = _operands(50, 4, 8, 8)
+  lhs, rhs = operands(50, 4, 8, 8)
   f = jax.jit(lambda a, b, g: kernels.gmm(a, b, g, tile_m=16))
   for sizes in ([10, 20, 0, 20], [0, 0, 0, 50], [3, 3, 3, 3]):
     gs = jnp.asarray(sizes, jnp.int32)
-    np.testing.assert_allclose(f(lhs, rhs, gs), _np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(lhs, rhs, gs), np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
   assert f._cache_size() == 1
 
 
@@ -148,19 +121,19 @@ def test_tgmm_matches_numpy(impl, m, G, k, n, sizes, tile_m):
   out = tgmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), impl=impl, tile_m=tile_m)
   chex.assert_shape(out, (G, k, n))
   chex.assert_type(out, jnp.float32)
-  np.testing.assert_allclose(out, _np_tgmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out, np_tgmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-4)
 
 
 def test_nonfinite_rows_outside_groups_do_not_leak():
   """Rows past sum(group_sizes) may hold garbage (inf/NaN): outputs and weight grads must ignore them."""
-  lhs, rhs = _operands(40, 3, 8, 24)
+  lhs, rhs = operands(40, 3, 8, 24)
   lhs = lhs.at[35:].set(jnp.inf)
   d = jnp.ones((40, 24)).at[36:].set(jnp.nan)
   gs = jnp.asarray([10, 0, 25], jnp.int32)
   out = gmm(lhs, rhs, gs, impl="jax", tile_m=32)
-  np.testing.assert_allclose(out, _np_gmm(lhs[:35], rhs, [10, 0, 25]).tolist() + [[0] * 24] * 5, atol=1e-4)
+  np.testing.assert_allclose(out, np_gmm(lhs[:35], rhs, [10, 0, 25]).tolist() + [[0] * 24] * 5, atol=1e-4)
   t = tgmm(lhs, d, gs, impl="jax", tile_m=32)
-  np.testing.assert_allclose(t, _np_tgmm(lhs[:35], d[:35], [10, 0, 25]), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(t, np_tgmm(lhs[:35], d[:35], [10, 0, 25]), rtol=1e-5, atol=1e-4)
 
 
 def test_tgmm_bf16_dtype():
@@ -217,14 +190,15 @@ def test_auto_on_cpu_uses_tiled_jax():
 
 def test_auto_on_cpu_tiny_problem_uses_ragged_dot():
   assert kernels.impl_order("auto", dense_macs=kernels.SMALL_PROBLEM_MACS) == ("ragged_dot", "jax")
-  lhs, rhs = _operands(16, 2, 4, 4)
+  lhs, rhs = operands(16, 2, 4, 4)
   gs = jnp.asarray([6, 10], jnp.int32)
   assert "ragged_dot_general" in _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs), lhs, rhs)
   assert "ragged_dot_general" not in _jaxpr_text(lambda a, b: kernels.gmm(a, b, gs, impl="jax"), lhs, rhs)
 
 
-# Pallas declines (NotImplementedError) a contracting dim above its 128 tile that the tile doesn't divide:
-# a real case, no mocks, that makes every order fall through past it.
+# Pallas declines (NotImplementedError) a contracting dim of 200: no power-of-two tile >= 16 divides it (the
+# Triton kernels' rule) and the 128 tile doesn't either (Mosaic's): a real case, no mocks, that makes every
+# order fall through past it.
 PALLAS_DECLINES_K = 200
 
 
@@ -233,18 +207,18 @@ def test_accelerator_order_falls_through_pallas():
   order = kernels.impl_order("auto", backend="gpu")
   assert order == ("pallas", "ragged_dot", "jax")
   assert kernels.impl_order("auto", backend="tpu") == order
-  lhs, rhs = _operands(16, 2, PALLAS_DECLINES_K, 4)
+  lhs, rhs = operands(16, 2, PALLAS_DECLINES_K, 4)
   gs = jnp.asarray([6, 10], jnp.int32)
   jaxpr = _jaxpr_text(lambda a, b: kernels.dispatch("gmm", order, a, b, gs, None, None), lhs, rhs)
   assert "ragged_dot_general" in jaxpr and "pallas_call" not in jaxpr
   out = kernels.dispatch("gmm", order, lhs, rhs, gs, None, None)
-  np.testing.assert_allclose(out, _np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out, np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-4)
   with pytest.raises(NotImplementedError, match="no gmm implementation"):
     kernels.dispatch("gmm", ("pallas", "pallas"), lhs, rhs, gs, None, None)
 
 
 def test_unknown_impl_lists_valid_ones():
-  lhs, rhs = _operands(8, 2, 4, 4)
+  lhs, rhs = operands(8, 2, 4, 4)
   gs = jnp.asarray([4, 4], jnp.int32)
   with pytest.raises(ValueError, match="auto, pallas, jax, ragged_dot, dense"):
     kernels.gmm(lhs, rhs, gs, impl="triton")
@@ -254,7 +228,7 @@ def test_unknown_impl_lists_valid_ones():
 
 def test_explicit_impl_surfaces_its_error():
   """An explicit impl has no fallback: its NotImplementedError reaches the caller, naming the impl."""
-  lhs, rhs = _operands(8, 2, PALLAS_DECLINES_K, 4)
+  lhs, rhs = operands(8, 2, PALLAS_DECLINES_K, 4)
   gs = jnp.asarray([4, 4], jnp.int32)
   with pytest.raises(NotImplementedError, match="impl='pallas' is unavailable.*use impl='auto'"):
     kernels.gmm(lhs, rhs, gs, impl="pallas")

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from phds_jax import kernels, models
-from phds_jax.kernels.pallas_gmm import BACKENDS, gmm_pallas, tgmm_pallas
 from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton, pallas_permute
+from phds_jax.kernels.pallas_gmm import BACKENDS, gmm_pallas, tgmm_pallas
 from phds_jax.kernels.pallas_gmm_tpu import make_work_items
 from phds_jax.kernels.pallas_routing import route_pallas
 from phds_jax.models import router
+from tests.grouped_reference import np_gmm, np_tgmm, operands
 
 TILES = dict(tile_m=16, tile_k=16, tile_n=16)
 
@@ -33,29 +34,6 @@ CASES = [
 ]
 
 
-def _operands(m, g, k, n, dtype=jnp.float32, seed=0):
-  rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.normal(size=(m, k)), dtype), jnp.asarray(rng.normal(size=(g, k, n)), dtype)
-
-
-def _np_gmm(lhs, rhs, sizes):
-  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-  out, start = np.zeros((lhs.shape[0], rhs.shape[2])), 0
-  for g, size in enumerate(sizes):
-    out[start:start + size] = lhs[start:start + size] @ rhs[g]
-    start += size
-  return out
-
-
-def _np_tgmm(lhs, rhs, sizes):
-  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
-  out, start = np.zeros((len(sizes), lhs.shape[1], rhs.shape[1])), 0
-  for g, size in enumerate(sizes):
-    out[g] = lhs[start:start + size].T @ rhs[start:start + size]
-    start += size
-  return out
-
-
 def test_work_items_cover_every_tile_once_per_group():
   items = make_work_items(jnp.array([5, 0, 20, 3], jnp.int32), num_tiles=3, tile_m=16)
   np.testing.assert_array_equal(items.tile, [0, 0, 1, 1, 2, 2])
@@ -70,15 +48,15 @@ def test_work_items_cover_every_tile_once_per_group():
 @pytest.mark.parametrize("m,k,n,sizes", CASES)
 def test_gmm_tgmm_fp32(backend, m, k, n, sizes):
   gmm_p, tgmm_p = JITTED[backend]
-  lhs, rhs = _operands(m, len(sizes), k, n)
+  lhs, rhs = operands(m, len(sizes), k, n)
   gs = jnp.asarray(sizes, jnp.int32)
   out = gmm_p(lhs, rhs, gs)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, _np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs, rhs, gs), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out[sum(sizes):], 0.0)  # trailing rows are exact zeros
   t = tgmm_p(lhs, out, gs)
-  np.testing.assert_allclose(t, _np_tgmm(lhs, out, sizes), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(t, np_tgmm(lhs, out, sizes), rtol=1e-5, atol=1e-4)
 
 
 @backends
@@ -87,19 +65,19 @@ def test_gmm_tgmm_random_sizes(backend):
   rng = np.random.default_rng(1)
   sizes = [int(s) for s in rng.multinomial(45, np.ones(5) / 5)]
   sizes[int(rng.integers(5))] = 0
-  lhs, rhs = _operands(50, 5, 16, 32, seed=1)  # m off the tile, n spans two tiles
+  lhs, rhs = operands(50, 5, 16, 32, seed=1)  # m off the tile, n spans two tiles
   gs = jnp.asarray(sizes, jnp.int32)
-  np.testing.assert_allclose(gmm_p(lhs, rhs, gs), _np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(tgmm_p(lhs, lhs, gs), _np_tgmm(lhs, lhs, sizes), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(gmm_p(lhs, rhs, gs), np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tgmm_p(lhs, lhs, gs), np_tgmm(lhs, lhs, sizes), rtol=1e-5, atol=1e-4)
 
 
 @backends
 def test_gmm_bf16(backend):
   gmm_p, tgmm_p = JITTED[backend]
   sizes = [7, 0, 19, 4]
-  lhs, rhs = _operands(33, 4, 32, 16, jnp.bfloat16)
+  lhs, rhs = operands(33, 4, 32, 16, jnp.bfloat16)
   gs = jnp.asarray(sizes, jnp.int32)
-  want = _np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
+  want = np_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
   out = gmm_p(lhs, rhs, gs)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2e-2, atol=5e-2)
@@ -108,14 +86,14 @@ def test_gmm_bf16(backend):
   np.testing.assert_allclose(out32, want, rtol=1e-3, atol=1e-3)  # fp32 accumulation of bf16 products
   t = tgmm_p(lhs, lhs, gs)
   assert t.dtype == jnp.bfloat16
-  want_t = _np_tgmm(lhs.astype(jnp.float32), lhs.astype(jnp.float32), sizes)
+  want_t = np_tgmm(lhs.astype(jnp.float32), lhs.astype(jnp.float32), sizes)
   np.testing.assert_allclose(t.astype(jnp.float32), want_t, rtol=2e-2, atol=1e-1)
 
 
 @backends
 def test_gmm_grads_match_ragged_dot(backend):
   sizes = [5, 0, 20, 3]
-  lhs, rhs = _operands(40, 4, 16, 32, seed=2)
+  lhs, rhs = operands(40, 4, 16, 32, seed=2)
   gs = jnp.asarray(sizes, jnp.int32)
   cot = jnp.asarray(np.random.default_rng(3).normal(size=(40, 32)), jnp.float32)
 
@@ -168,12 +146,12 @@ def test_route_pallas_validates():
 
 def test_dispatch_pallas_on_cpu():
   sizes = [0, 9, 14]
-  lhs, rhs = _operands(30, 3, 16, 16, seed=5)
+  lhs, rhs = operands(30, 3, 16, 16, seed=5)
   gs = jnp.asarray(sizes, jnp.int32)
   out = jax.jit(lambda a, b, g: kernels.gmm(a, b, g, impl="pallas", tile_m=16))(lhs, rhs, gs)
   np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs, rhs, gs), rtol=1e-5, atol=1e-5)
   t = kernels.tgmm(lhs, out, gs, impl="pallas", tile_m=16)
-  np.testing.assert_allclose(t, _np_tgmm(lhs, out, sizes), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(t, np_tgmm(lhs, out, sizes), rtol=1e-5, atol=1e-4)
   for macs in (None, 1, 1 << 40):  # the interpreter is never a CPU "auto" choice
     assert "pallas" not in kernels.impl_order("auto", backend="cpu", dense_macs=macs)
 
@@ -213,7 +191,7 @@ def test_triton_tiles_are_powers_of_two_dividing_the_dim():
 
 
 def test_pallas_backend_foreign_to_platform_falls_through():
-  lhs, rhs = _operands(32, 2, 32, 32)
+  lhs, rhs = operands(32, 2, 32, 32)
   gs = jnp.array([20, 12], jnp.int32)
   for backend in BACKENDS:
     with pytest.raises(NotImplementedError, match="lowers only on"):

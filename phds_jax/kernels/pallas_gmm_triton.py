@@ -30,10 +30,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from phds_jax.kernels.grouped_matmul import group_bounds
 
-__all__ = ["gmm_triton", "pow2_tile", "tgmm_triton"]
+__all__ = ["gmm_triton", "next_pow2", "pow2_tile", "tgmm_triton"]
 
 MIN_DOT_TILE = 16  # tl.dot needs every dimension >= 16; the interpreter enforces it too, so CPU runs
                    # accept exactly the shapes a GPU would
+
+
+def next_pow2(n: int) -> int:
+  """Smallest power of two >= n (1 for n <= 1): Triton tensor shapes must be powers of two."""
+  return 1 << max(n - 1, 0).bit_length()
 
 
 def pow2_tile(dim: int, preferred: int, name: str, minimum: int = 1) -> int:
@@ -48,11 +53,8 @@ def pow2_tile(dim: int, preferred: int, name: str, minimum: int = 1) -> int:
 
 
 def _row_tile(m: int, preferred: int, minimum: int) -> int:
-  """Row tile: rows are padded, so any power of two works; don't exceed what m needs."""
-  tile = max(minimum, 1 << max(int(preferred), 1).bit_length() - 1)
-  while tile // 2 >= max(m, minimum):
-    tile //= 2
-  return tile
+  """Row tile: rows are padded, so any power of two works; no bigger than m needs, no smaller than minimum."""
+  return max(minimum, min(1 << max(int(preferred), 1).bit_length() - 1, next_pow2(m)))
 
 
 def _compiler_params(num_warps: int | None, num_stages: int | None):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from phds_jax.kernels.pallas_gmm_triton import pow2_tile
+from phds_jax.kernels.pallas_gmm_triton import next_pow2, pow2_tile
 
 __all__ = ["gather_rows_pallas", "weighted_combine_pallas"]
 
@@ -28,7 +28,7 @@ def gather_rows_pallas(x_RxD: jax.Array, idx_N: jax.Array, *, tile_rows: int = 3
   """x[idx] for row ids idx in [0, R)."""
   num_rows, d = idx_N.shape[0], x_RxD.shape[1]
   td = pow2_tile(d, tile_d, "d")
-  tr = min(tile_rows, 1 << max(num_rows - 1, 0).bit_length())
+  tr = min(tile_rows, next_pow2(num_rows))
   padded = pl.cdiv(num_rows, tr) * tr
   idx = jnp.pad(idx_N.astype(jnp.int32), (0, padded - num_rows))
 
@@ -57,7 +57,7 @@ def weighted_combine_pallas(ys_NxD: jax.Array, inverse_TxS: jax.Array, weights_T
   d = ys_NxD.shape[1]
   out_dtype = jnp.dtype(out_dtype or ys_NxD.dtype)
   td = pow2_tile(d, tile_d, "d")
-  tt = min(tile_t, 1 << max(num_tokens - 1, 0).bit_length())
+  tt = min(tile_t, next_pow2(num_tokens))
   padded = pl.cdiv(num_tokens, tt) * tt
   pad = ((0, padded - num_tokens), (0, 0))
   inverse = jnp.pad(inverse_TxS.astype(jnp.int32), pad)

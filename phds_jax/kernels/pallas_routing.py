@@ -25,11 +25,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from phds_jax.kernels.pallas_gmm_triton import next_pow2
+
 __all__ = ["route_pallas"]
-
-
-def _pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def _route_kernel(logits_ref, mask_ref, w_ref, e_ref, cnt_ref, *, k, slots, num_experts, eps,
@@ -73,7 +71,7 @@ def _compiler_params(backend: str | None):
 
 def _route_call(logits, token_mask, k, slots, eps, norm_topk_prob, tile_t, interpret, backend):
   num_tokens, num_experts = logits.shape
-  width, slot_width = _pow2(num_experts), _pow2(slots)
+  width, slot_width = next_pow2(num_experts), next_pow2(slots)
   num_tiles = max(pl.cdiv(num_tokens, tile_t), 1)
   padded = num_tiles * tile_t
   logits = jnp.pad(logits.astype(jnp.float32), ((0, padded - num_tokens), (0, width - num_experts)),
@@ -115,7 +113,7 @@ def route_pallas(logits: jax.Array, *, k: int, slots: int, eps: float = 1e-6, no
     raise ValueError(f"route_pallas: tile_t={tile_t} must be a multiple of 8")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  tile_t = min(tile_t, max(8, _pow2(num_tokens)))  # don't pad a decode step to a whole tile
+  tile_t = min(tile_t, max(8, next_pow2(num_tokens)))  # don't pad a decode step to a whole tile
   if token_mask is None:
     token_mask = jnp.ones((num_tokens,), jnp.float32)
   return _route_call(logits, token_mask, k, slots, float(eps), bool(norm_topk_prob), tile_t, bool(interpret),
