@@ -276,3 +276,21 @@ def test_permutation_kernels_lower_for_cuda():
   text += _export(combine, "cuda", ((tokens * slots, d), jnp.bfloat16), ((tokens, slots), jnp.int32),
                   ((tokens, slots), jnp.float32))
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+
+
+def test_device_compile_probe_reports_failures_once():
+  """The probe that lets `auto` fall through when a device's compiler rejects a kernel: a real failure here
+  (a non-interpreted Triton kernel cannot compile on CPU) and a real success (the interpreted one)."""
+  from phds_jax.kernels import pallas_gmm
+  avals = [jax.ShapeDtypeStruct((32, 16), jnp.float32), jax.ShapeDtypeStruct((2, 16, 16), jnp.float32),
+           jax.ShapeDtypeStruct((2,), jnp.int32)]
+  device_opts, interp_opts = ("triton", False, 16, 16, 16), ("triton", True, 16, 16, 16)
+  failing = pallas_gmm._gmm_fwd_and_bwd(device_opts, jnp.float32)
+  error = pallas_gmm.compiles_on_device(failing, *avals)
+  assert error is not None and "interpret" in error
+  cached = len(pallas_gmm._COMPILES)
+  assert pallas_gmm.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(device_opts, jnp.float32), *avals) == error
+  assert len(pallas_gmm._COMPILES) == cached  # an equal probe hits the cache
+  with pytest.raises(NotImplementedError, match="pallas gmm kernels do not compile here"):
+    pallas_gmm._require_compiles(failing, *avals)
+  assert pallas_gmm.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(interp_opts, jnp.float32), *avals) is None

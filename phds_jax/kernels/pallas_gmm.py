@@ -8,11 +8,18 @@ Two kernel families share this entry point, because GPUs and TPUs disagree on ho
 `backend=None` picks from `jax.default_backend()`; on CPU both run under the Pallas interpreter ("triton"
 by default). The backward pass is the same for both: d lhs = gmm(g, rhs[g]ᵀ) without a transposed copy of
 the weights (`transpose_rhs`), d rhs = tgmm(lhs, g). Residuals are only (lhs, rhs, group_sizes).
+
+On a device, the first call for each operand signature compiles the kernels (forward and both backward
+kernels) on their own before they are used (`compiles_on_device`, cached). A kernel that the device's
+compiler rejects (Triton -> PTX, Mosaic -> TPU run only there) then raises NotImplementedError with the
+compiler's message, so `kernels.gmm(impl="auto")` falls through to ragged_dot with a warning instead of
+failing inside the caller's jit.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +98,55 @@ def _gmm_bwd(opts, out_dtype, res, g):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+_COMPILES: dict[tuple, str | None] = {}  # signature -> None (compiles) or the compiler's error
+
+
+def compiles_on_device(fn, *avals) -> str | None:
+  """None if `fn` lowers and compiles for these abstract operands on the default backend, else the error
+  message; cached per (fn, avals), fn hashable. Safe inside a trace: it compiles a separate computation."""
+  key = (fn, tuple((a.shape, jnp.dtype(a.dtype)) for a in avals))
+  if key not in _COMPILES:
+    try:
+      jax.jit(fn).lower(*avals).compile()
+      _COMPILES[key] = None
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "don't use this kernel here"
+      _COMPILES[key] = f"{type(e).__name__}: {e}"
+      logging.warning("a Pallas kernel does not compile on %s for operands %s; falling back: %s",
+                      jax.default_backend(), key[1], _COMPILES[key][:500])
+  return _COMPILES[key]
+
+
+class _Probe:
+  """A kernel call to probe, hashed by (name, opts, out_dtype) so equal probes share one cache entry."""
+
+  def __init__(self, name, fn, opts, out_dtype):
+    self.fn, self.key = fn, (name, opts, jnp.dtype(out_dtype).name)
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Probe) and self.key == other.key
+
+
+def _require_compiles(probe: _Probe, *operands) -> None:
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in operands]
+  error = compiles_on_device(probe, *avals)
+  if error is not None:
+    raise NotImplementedError(f"pallas {probe.key[0]} kernels do not compile here: {error[:300]}")
+
+
+def _gmm_fwd_and_bwd(opts, out_dtype):
+  """The forward and both backward kernels (gmm with rhsᵀ, tgmm), as one function to compile."""
+  def fn(x, w, gs):
+    out, vjp = jax.vjp(lambda a, b: _gmm(a, b, gs, opts, out_dtype), x, w)
+    return out, vjp(out)
+  return _Probe("gmm", fn, opts, out_dtype)
+
+
 def _check_groups(num_groups: int) -> None:
   if num_groups == 0:
     raise NotImplementedError("pallas gmm needs at least one group")
@@ -110,6 +166,8 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   if lhs.shape[0] == 0:
     return jnp.zeros((0, rhs.shape[2]), out_dtype)
   opts = (*resolve_backend(backend, interpret), tile_m, tile_k, tile_n)
+  if not opts[1]:  # on a device: check once per signature that its compiler takes the kernels
+    _require_compiles(_gmm_fwd_and_bwd(opts, out_dtype), lhs, rhs, group_sizes)
   return _gmm(lhs, rhs, group_sizes, opts, out_dtype)
 
 
@@ -122,4 +180,8 @@ def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
   if lhs.shape[0] == 0:
     return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
   backend, interpret = resolve_backend(backend, interpret)
-  return _tgmm_call(lhs, grad, group_sizes, (backend, interpret, tile_m, tile_k, tile_n), out_dtype)
+  opts = (backend, interpret, tile_m, tile_k, tile_n)
+  if not interpret:
+    probe = _Probe("tgmm", lambda x, d, gs: _tgmm_call(x, d, gs, opts, out_dtype), opts, out_dtype)
+    _require_compiles(probe, lhs, grad, group_sizes)
+  return _tgmm_call(lhs, grad, group_sizes, opts, out_dtype)
