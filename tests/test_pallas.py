@@ -294,3 +294,32 @@ def test_device_compile_probe_reports_failures_once():
   with pytest.raises(NotImplementedError, match="pallas gmm kernels do not compile here"):
     pallas_gmm._require_compiles(failing, *avals)
   assert pallas_gmm.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(interp_opts, jnp.float32), *avals) is None
+
+
+@pytest.mark.parametrize("platform,target,calls", [("gpu", "cuda", 22), ("tpu", "tpu", 14)])
+def test_whole_model_grad_lowers_with_every_kernel(platform, target, calls):
+  """Forward + backward of a tiny Qwen2-MoE (2 MoE layers, shared expert) with gmm_impl='auto' and
+  routing_impl='pallas', lowered for a GPU / TPU from this CPU host via `kernels.lowering_for`. Per layer,
+  GPU: router, gather, 2 gmm, combine; backward gather, combine, 2 gmm(rhsᵀ), 2 tgmm = 11 Triton calls.
+  TPU: router, 2 gmm, 2 gmm(rhsᵀ), 2 tgmm = 7 Mosaic calls (the permutation stays jnp there)."""
+  cfg = models.tiny("qwen2_moe", routing_impl="pallas")
+  model = models.build(cfg)
+  params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+
+  def loss(p, tokens):
+    logits, aux = model.apply({"params": p}, tokens, k=2, mode="soft")
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + aux["lb_loss"]
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  with kernels.lowering_for(platform):
+    assert kernels.target_platform() == platform
+    exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[target], disabled_checks=checks)(
+        params, jax.ShapeDtypeStruct((2, 16), jnp.int32))
+  assert kernels.target_platform() == "cpu"
+  text = exported.mlir_module()
+  custom_call = "__gpu$xla.gpu.triton" if target == "cuda" else "tpu_custom_call"
+  assert text.count(f"custom_call @{custom_call}") == calls
+  assert '"chlo.ragged_dot"' not in text  # nothing fell back to ragged_dot
+  with pytest.raises(ValueError, match="unknown platform 'cuda'"):
+    with kernels.lowering_for("cuda"):
+      pass

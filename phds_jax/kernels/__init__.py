@@ -9,7 +9,8 @@ its weight-gradient twin. Implementations:
   "ragged_dot"  `jax.lax.ragged_dot`: native on GPU/TPU, dense over all groups on CPU;
   "dense"       every row times every group, masked: O(G·m·k·n), a test reference.
 
-"auto" picks an order from `jax.default_backend()` at trace time; an implementation that cannot handle a
+"auto" picks an order from the target platform at trace time (`jax.default_backend()`, or the one named by
+`lowering_for` for ahead-of-time lowering, see platform.py); an implementation that cannot handle a
 case raises NotImplementedError and the next one is tried, so later kernels plug in without touching callers.
 On CPU, tiny problems (G·m·k·n <= SMALL_PROBLEM_MACS) try "ragged_dot" first: there its dense expansion
 runs within ~0.3 ms of the tiled loops and compiles ~5x faster (~0.15 s vs ~0.8 s per call site), which
@@ -27,6 +28,7 @@ from phds_jax.kernels.grouped_matmul import (gmm_dense, gmm_ragged_dot, gmm_tile
                                              tgmm_ragged_dot, tgmm_tiled)
 from phds_jax.kernels.pallas_gmm import gmm_pallas, tgmm_pallas
 from phds_jax.kernels.pallas_permute import gather_rows_pallas, weighted_combine_pallas
+from phds_jax.kernels.platform import lowering_for, target_platform
 
 IMPLS: tuple[str, ...] = ("auto", "pallas", "jax", "ragged_dot", "dense")
 AUTO_ORDER_CPU: tuple[str, ...] = ("jax", "ragged_dot")
@@ -34,18 +36,18 @@ AUTO_ORDER_ACCELERATOR: tuple[str, ...] = ("pallas", "ragged_dot", "jax")
 AUTO_ORDER_CPU_SMALL: tuple[str, ...] = ("ragged_dot", "jax")
 SMALL_PROBLEM_MACS = 1 << 24
 
-__all__ = ["IMPLS", "PERMUTE_IMPLS", "dispatch", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "impl_order", "tgmm",
+__all__ = ["IMPLS", "PERMUTE_IMPLS", "dispatch", "lowering_for", "target_platform", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "impl_order", "tgmm",
            "tgmm_dense", "tgmm_pallas", "tgmm_ragged_dot", "tgmm_tiled"]
 
 
 def impl_order(impl: str = "auto", backend: str | None = None, dense_macs: int | None = None) -> tuple[str, ...]:
-  """Implementations to try, in order. For "auto": `backend` defaults to jax.default_backend(), and
+  """Implementations to try, in order. For "auto": `backend` defaults to the target platform, and
   `dense_macs` (G·m·k·n, the cost of expanding over all groups) picks the CPU order for tiny problems."""
   if impl not in IMPLS:
     raise ValueError(f"unknown grouped-matmul impl {impl!r}; valid: {', '.join(IMPLS)}")
   if impl != "auto":
     return (impl,)
-  backend = jax.default_backend() if backend is None else backend
+  backend = target_platform() if backend is None else backend
   if backend != "cpu":
     return AUTO_ORDER_ACCELERATOR
   small = dense_macs is not None and dense_macs <= SMALL_PROBLEM_MACS
@@ -158,14 +160,14 @@ def _permute_kernel_usable(impl: str) -> bool:
   """"pallas" runs the Triton kernels on GPU and the interpreter on CPU; TPU has no vector gather: jnp."""
   if impl not in PERMUTE_IMPLS:
     raise ValueError(f"unknown permutation impl {impl!r}; valid: {', '.join(PERMUTE_IMPLS)}")
-  return impl == "pallas" and jax.default_backend() in ("gpu", "cpu")
+  return impl == "pallas" and target_platform() in ("gpu", "cpu")
 
 
 def gather_rows(x_RxD: jax.Array, idx_N: jax.Array, *, impl: str = "jax") -> jax.Array:
   """x[idx] (rows)."""
   if _permute_kernel_usable(impl):
     try:
-      return gather_rows_pallas(x_RxD, idx_N, interpret=jax.default_backend() == "cpu")
+      return gather_rows_pallas(x_RxD, idx_N, interpret=target_platform() == "cpu")
     except NotImplementedError:
       pass
   return x_RxD[idx_N]
@@ -177,7 +179,7 @@ def weighted_combine(ys_NxD: jax.Array, inverse_TxS: jax.Array, weights_TxS: jax
   if _permute_kernel_usable(impl):
     try:
       return weighted_combine_pallas(ys_NxD, inverse_TxS, weights_TxS, out_dtype=out_dtype,
-                                     interpret=jax.default_backend() == "cpu")
+                                     interpret=target_platform() == "cpu")
     except NotImplementedError:
       pass
   num_tokens, slots = inverse_TxS.shape

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from phds_jax.kernels.platform import target_platform
+
 DEFAULT_TILE_M = 128
 MIN_TILE_M = 16
 
@@ -110,7 +112,7 @@ def _loop_dtype(dtype) -> jnp.dtype:
   """Dtype of the loops' dot operands and carried buffers: at least fp32 on CPU, where XLA's bf16 tile
   updates and matmuls run 2-4x slower than fp32 (measured) and the upcast is exact; unchanged elsewhere."""
   dtype = jnp.dtype(dtype)
-  if jax.default_backend() == "cpu" and jnp.issubdtype(dtype, jnp.floating):
+  if target_platform() == "cpu" and jnp.issubdtype(dtype, jnp.floating):
     return jnp.promote_types(dtype, jnp.float32)
   return dtype
 

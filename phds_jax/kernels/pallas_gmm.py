@@ -5,7 +5,7 @@ Two kernel families share this entry point, because GPUs and TPUs disagree on ho
                 loops over groups / k / rows inside the kernel;
   "mosaic_tpu"  (pallas_gmm_tpu.py) TPUs: the grid is a sequential loop, so items sharing an output block
                 accumulate into it on consecutive steps and Mosaic pipelines the block DMAs.
-`backend=None` picks from `jax.default_backend()`; on CPU both run under the Pallas interpreter ("triton"
+`backend=None` picks from the target platform (kernels/platform.py); on CPU both run under the Pallas interpreter ("triton"
 by default). The backward pass is the same for both: d lhs = gmm(g, rhs[g]ᵀ) without a transposed copy of
 the weights (`transpose_rhs`), d rhs = tgmm(lhs, g). Residuals are only (lhs, rhs, group_sizes).
 
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from phds_jax.kernels.pallas_gmm_tpu import gmm_mosaic, tgmm_mosaic
 from phds_jax.kernels.pallas_gmm_triton import gmm_triton, tgmm_triton
+from phds_jax.kernels.platform import pallas_family, target_platform
 
 __all__ = ["BACKENDS", "gmm_pallas", "resolve_backend", "tgmm_pallas"]
 
@@ -44,9 +45,9 @@ def resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, b
 
   Raises NotImplementedError where the family can't lower (the dispatcher then tries the next impl).
   """
-  platform = jax.default_backend()
+  platform = target_platform()
   if backend is None:
-    backend = "mosaic_tpu" if platform == "tpu" else "triton"
+    backend = pallas_family(platform)
   if backend not in BACKENDS:
     raise ValueError(f"unknown pallas gmm backend {backend!r}; valid: {', '.join(BACKENDS)}")
   if interpret is None:
@@ -166,7 +167,8 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   if lhs.shape[0] == 0:
     return jnp.zeros((0, rhs.shape[2]), out_dtype)
   opts = (*resolve_backend(backend, interpret), tile_m, tile_k, tile_n)
-  if not opts[1]:  # on a device: check once per signature that its compiler takes the kernels
+  if not opts[1] and target_platform() == jax.default_backend():  # on a device: once per signature, check
+    # that its compiler takes the kernels (not when lowering for another platform: nothing compiles here)
     _require_compiles(_gmm_fwd_and_bwd(opts, out_dtype), lhs, rhs, group_sizes)
   return _gmm(lhs, rhs, group_sizes, opts, out_dtype)
 
@@ -181,7 +183,7 @@ def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
     return jnp.zeros((group_sizes.shape[0], lhs.shape[1], grad.shape[1]), out_dtype)
   backend, interpret = resolve_backend(backend, interpret)
   opts = (backend, interpret, tile_m, tile_k, tile_n)
-  if not interpret:
+  if not interpret and target_platform() == jax.default_backend():
     probe = _Probe("tgmm", lambda x, d, gs: _tgmm_call(x, d, gs, opts, out_dtype), opts, out_dtype)
     _require_compiles(probe, lhs, grad, group_sizes)
   return _tgmm_call(lhs, grad, group_sizes, opts, out_dtype)

@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from phds_jax.kernels.pallas_gmm_triton import next_pow2
+from phds_jax.kernels.platform import pallas_family, target_platform
 
 __all__ = ["route_pallas"]
 
@@ -62,8 +63,7 @@ def _route_kernel(logits_ref, mask_ref, w_ref, e_ref, cnt_ref, *, k, slots, num_
 
 def _compiler_params(backend: str | None):
   """Triton's params make pallas_call lower with Triton on GPU (jax's GPU default is Mosaic GPU)."""
-  if backend is None:
-    backend = "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+  backend = backend or pallas_family()
   if backend not in ("triton", "mosaic_tpu"):
     raise ValueError(f"route_pallas: unknown backend {backend!r}; valid: triton, mosaic_tpu")
   return plgpu.CompilerParams(num_warps=4) if backend == "triton" else None
@@ -112,7 +112,7 @@ def route_pallas(logits: jax.Array, *, k: int, slots: int, eps: float = 1e-6, no
   if tile_t % 8:
     raise ValueError(f"route_pallas: tile_t={tile_t} must be a multiple of 8")
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = target_platform() == "cpu"
   tile_t = min(tile_t, max(8, next_pow2(num_tokens)))  # don't pad a decode step to a whole tile
   if token_mask is None:
     token_mask = jnp.ones((num_tokens,), jnp.float32)
