@@ -24,7 +24,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from phds_jax import checkpoint, hf  # noqa: E402
+from phds_jax import checkpoint, hf, hf_config  # noqa: E402
 from phds_jax.models.config import ConfigError, tiny  # noqa: E402
 from tests.hf_models import make_tiny_hf_model  # noqa: E402
 
@@ -294,7 +294,7 @@ def test_unsupported_config(models, change, match, tmp_path):
 def test_config_roundtrip(models, model_type):
   cfg = tiny(model_type, param_dtype="bfloat16", tie_embeddings=True, rope_theta=5e5)
   d = hf.config_to_hf(cfg)
-  assert d["architectures"] == [hf._ARCHITECTURES[model_type]] and d["dtype"] == "bfloat16"
+  assert d["architectures"] == [hf_config._ARCHITECTURES[model_type]] and d["dtype"] == "bfloat16"
   assert hf.config_from_hf(d, param_dtype="bfloat16") == cfg
   transformers.AutoConfig.for_model(**d)  # transformers accepts what we write
   source = json.loads((models[model_type][1] / "config.json").read_text())
