@@ -1,5 +1,11 @@
-"""Pallas kernels on CPU: both grouped-matmul families (Triton for GPU, Mosaic for TPU) under the interpreter
-vs ragged_dot / numpy, grads, the fused router; and their GPU/TPU lowerings, by exporting for those platforms."""
+"""Pallas kernels: both grouped-matmul families (Triton for GPU, Mosaic for TPU) vs ragged_dot / numpy, grads,
+the routing kernels, the model and a train step; and their GPU/TPU lowerings, by exporting for those platforms.
+
+On CPU the kernels run under the Pallas interpreter. On a GPU or TPU the family native to it runs for real
+(the other one interpreted), so the first hardware check is:
+    JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=float32 python -m pytest -q tests/test_pallas.py
+(float32 matmul precision: exact fp32 dots instead of TF32, for the fp32 tolerances here.)
+"""
 
 import functools
 
@@ -19,9 +25,17 @@ from tests.grouped_reference import np_gmm, np_tgmm, operands
 TILES = dict(tile_m=16, tile_k=16, tile_n=16)
 
 
+NATIVE = {"triton": "gpu", "mosaic_tpu": "tpu"}
+
+
+def _opts(backend):
+  """Run a family natively on its own platform, interpreted elsewhere."""
+  return dict(backend=backend, interpret=None if NATIVE[backend] == jax.default_backend() else True, **TILES)
+
+
 def _jitted(backend):
-  gmm = jax.jit(functools.partial(gmm_pallas, backend=backend, **TILES), static_argnames=("preferred_element_type",))
-  return gmm, jax.jit(functools.partial(tgmm_pallas, backend=backend, **TILES))
+  gmm = jax.jit(functools.partial(gmm_pallas, **_opts(backend)), static_argnames=("preferred_element_type",))
+  return gmm, jax.jit(functools.partial(tgmm_pallas, **_opts(backend)))
 
 
 JITTED = {backend: _jitted(backend) for backend in BACKENDS}
@@ -91,6 +105,24 @@ def test_gmm_bf16(backend):
 
 
 @backends
+def test_gmm_grads_bf16_inputs_fp32_output(backend):
+  """fp32 output from bf16 operands: the backward multiplies an fp32 cotangent by bf16 weights/activations."""
+  sizes = [9, 0, 17, 6]
+  lhs, rhs = operands(36, 4, 32, 16, jnp.bfloat16, seed=6)
+  gs = jnp.asarray(sizes, jnp.int32)
+  cot = jnp.asarray(np.random.default_rng(8).normal(size=(36, 16)), jnp.float32)
+
+  def grads(f, a, b):
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * cot), argnums=(0, 1)))(a, b)
+
+  got = grads(lambda a, b: gmm_pallas(a, b, gs, preferred_element_type=jnp.float32, **_opts(backend)), lhs, rhs)
+  want = grads(lambda a, b: jax.lax.ragged_dot(a, b, gs), lhs.astype(jnp.float32), rhs.astype(jnp.float32))
+  for g, w, like in zip(got, want, (lhs, rhs)):
+    assert g.dtype == like.dtype
+    np.testing.assert_allclose(g.astype(jnp.float32), w, rtol=2e-2, atol=6e-2)  # bf16 rounding of the grads
+
+
+@backends
 def test_gmm_grads_match_ragged_dot(backend):
   sizes = [5, 0, 20, 3]
   lhs, rhs = operands(40, 4, 16, 32, seed=2)
@@ -100,7 +132,7 @@ def test_gmm_grads_match_ragged_dot(backend):
   def grads(f):
     return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b, gs) * cot), argnums=(0, 1)))(lhs, rhs)
 
-  got = grads(functools.partial(gmm_pallas, backend=backend, **TILES))
+  got = grads(functools.partial(gmm_pallas, **_opts(backend)))
   want = grads(jax.lax.ragged_dot)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
@@ -193,7 +225,7 @@ def test_triton_tiles_are_powers_of_two_dividing_the_dim():
 def test_pallas_backend_foreign_to_platform_falls_through():
   lhs, rhs = operands(32, 2, 32, 32)
   gs = jnp.array([20, 12], jnp.int32)
-  for backend in BACKENDS:
+  for backend in [b for b in BACKENDS if NATIVE[b] != jax.default_backend()]:
     with pytest.raises(NotImplementedError, match="lowers only on"):
       gmm_pallas(lhs, rhs, gs, backend=backend, interpret=False)
   with pytest.raises(ValueError, match="unknown pallas gmm backend"):
@@ -223,7 +255,9 @@ def test_gmm_kernels_lower_for_hardware(experts, d, f, platform, fwd, tgmm):
   def fwd_and_grads(x, w, g, gs):
     return fwd(x, w, gs), fwd(g, w, gs, transpose_rhs=True), tgmm(x, g, gs)
 
-  text = _export(fwd_and_grads, platform, ((rows, d), bf16), ((experts, d, f), bf16), ((rows, f), bf16),
+  # The cotangent g is fp32 (as when the forward asks for fp32 output from bf16 operands): the kernels must
+  # cast mixed operands to one type (Triton's dot rejects f32 x bf16).
+  text = _export(fwd_and_grads, platform, ((rows, d), bf16), ((experts, d, f), bf16), ((rows, f), jnp.float32),
                  ((experts,), i32))
   target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
   assert text.count(f"custom_call @{target}") == 3
@@ -278,6 +312,7 @@ def test_permutation_kernels_lower_for_cuda():
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="its real failure is a device kernel on CPU")
 def test_device_compile_probe_reports_failures_once():
   """The probe that lets `auto` fall through when a device's compiler rejects a kernel: a real failure here
   (a non-interpreted Triton kernel cannot compile on CPU) and a real success (the interpreted one)."""
@@ -315,7 +350,7 @@ def test_whole_model_grad_lowers_with_every_kernel(platform, target, calls):
     assert kernels.target_platform() == platform
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=[target], disabled_checks=checks)(
         params, jax.ShapeDtypeStruct((2, 16), jnp.int32))
-  assert kernels.target_platform() == "cpu"
+  assert kernels.target_platform() == jax.default_backend()
   text = exported.mlir_module()
   custom_call = "__gpu$xla.gpu.triton" if target == "cuda" else "tpu_custom_call"
   assert text.count(f"custom_call @{custom_call}") == calls

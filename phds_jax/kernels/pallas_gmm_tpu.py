@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from phds_jax.kernels.pallas_gmm_triton import dot_precision
+
 __all__ = ["WorkItems", "gmm_mosaic", "make_work_items", "tgmm_mosaic"]
 
 
@@ -103,6 +105,7 @@ def gmm_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   num_tiles = max(pl.cdiv(m, tile_m), 1)
   items = make_work_items(group_sizes, num_tiles, tile_m)
   lhs_p = _pad_rows(lhs, num_tiles * tile_m)
+  dt = jnp.promote_types(lhs.dtype, rhs.dtype)  # one operand type for the MXU (e.g. fp32 cotangents)
 
   def kernel(tile_ref, group_ref, lo_ref, hi_ref, first_ref, lhs_ref, rhs_ref, out_ref):
     w, kk = pl.program_id(1), pl.program_id(2)
@@ -111,10 +114,10 @@ def gmm_mosaic(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
     def _():
       out_ref[...] = jnp.zeros_like(out_ref)
 
-    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m)
+    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m).astype(dt)
     contract = 1 if transpose_rhs else 0  # rhs block is [tn, tk] when transposed, else [tk, tn]
-    out_ref[...] += jax.lax.dot_general(x, rhs_ref[...], (((1,), (contract,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    out_ref[...] += jax.lax.dot_general(x, rhs_ref[...].astype(dt), (((1,), (contract,)), ((), ())),
+                                        precision=dot_precision(dt), preferred_element_type=jnp.float32)
 
   lhs_map = lambda j, w, kk, tile, group, lo, hi, first: (tile[w], kk)
   if transpose_rhs:
@@ -149,6 +152,7 @@ def tgmm_mosaic(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
   items = make_work_items(group_sizes, num_tiles, tile_m)
   rows = num_tiles * tile_m
   lhs_p, grad_p = _pad_rows(lhs, rows), _pad_rows(grad, rows)
+  dt = jnp.promote_types(lhs.dtype, grad.dtype)
 
   def kernel(tile_ref, group_ref, lo_ref, hi_ref, first_ref, lhs_ref, grad_ref, out_ref):
     w = pl.program_id(2)
@@ -157,9 +161,9 @@ def tgmm_mosaic(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
     def _():
       out_ref[...] = jnp.zeros_like(out_ref)
 
-    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m)
-    out_ref[...] += jax.lax.dot_general(x, grad_ref[...], (((0,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+    x = _row_mask(lhs_ref[...], tile_ref[w], lo_ref[w], hi_ref[w], tile_m).astype(dt)
+    out_ref[...] += jax.lax.dot_general(x, grad_ref[...].astype(dt), (((0,), (0,)), ((), ())),
+                                        precision=dot_precision(dt), preferred_element_type=jnp.float32)
 
   lhs_map = lambda kk, j, w, tile, group, lo, hi, first: (tile[w], kk)
   grad_map = lambda kk, j, w, tile, group, lo, hi, first: (tile[w], j)

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from phds_jax.kernels.grouped_matmul import group_bounds
 
-__all__ = ["gmm_triton", "next_pow2", "pow2_tile", "tgmm_triton"]
+__all__ = ["dot_precision", "gmm_triton", "next_pow2", "pow2_tile", "tgmm_triton"]
 
 MIN_DOT_TILE = 16  # tl.dot needs every dimension >= 16; the interpreter enforces it too, so CPU runs
                    # accept exactly the shapes a GPU would
@@ -55,6 +55,16 @@ def pow2_tile(dim: int, preferred: int, name: str, minimum: int = 1) -> int:
 def _row_tile(m: int, preferred: int, minimum: int) -> int:
   """Row tile: rows are padded, so any power of two works; no bigger than m needs, no smaller than minimum."""
   return max(minimum, min(1 << max(int(preferred), 1).bit_length() - 1, next_pow2(m)))
+
+
+def dot_precision(dtype) -> lax.Precision | None:
+  """fp32 tiles follow jax's default matmul precision ("float32"/"highest" -> exact fp32; otherwise the
+  platform's fast default, as XLA's own fp32 dots: TF32 on GPUs, bf16 passes on TPUs); other dtypes need
+  none. Shared by both kernel families."""
+  if jnp.dtype(dtype) != jnp.float32:
+    return None
+  setting = str(jax.config.jax_default_matmul_precision or "").lower()
+  return lax.Precision.HIGHEST if setting in ("float32", "highest") else None
 
 
 def _compiler_params(num_warps: int | None, num_stages: int | None):
@@ -94,6 +104,8 @@ def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   lhs_p = jnp.pad(lhs, ((0, num_tiles * tm - m), (0, 0)))
   bounds = group_bounds(group_sizes, m)
   lo, hi, starts, ends = _tile_group_ranges(bounds, num_groups, num_tiles, tm)
+  dt = jnp.promote_types(lhs.dtype, rhs.dtype)  # tl.dot needs equal operand types (e.g. fp32 cotangents)
+  precision = dot_precision(dt)
 
   def kernel(lo_ref, hi_ref, gid_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref):
     t, j = pl.program_id(0), pl.program_id(1)
@@ -105,11 +117,10 @@ def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
 
       def k_step(kk, acc):
         ks = pl.ds(pl.multiple_of(kk * tk, tk), tk)
-        x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi)
-        if transpose_rhs:
-          w = rhs_ref[g, cols, ks]  # [tn, tk]
-          return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return acc + jnp.dot(x, rhs_ref[g, ks, cols], preferred_element_type=jnp.float32)
+        x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi).astype(dt)
+        w = (rhs_ref[g, cols, ks] if transpose_rhs else rhs_ref[g, ks, cols]).astype(dt)  # [tn,tk] / [tk,tn]
+        dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+        return acc + lax.dot_general(x, w, dims, precision=precision, preferred_element_type=jnp.float32)
 
       return lax.fori_loop(0, k // tk, k_step, acc)
 
@@ -142,6 +153,8 @@ def tgmm_triton(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
   lhs_p = jnp.pad(lhs, ((0, rows - m), (0, 0)))
   grad_p = jnp.pad(grad, ((0, rows - m), (0, 0)))
   bounds = group_bounds(group_sizes, m)
+  dt = jnp.promote_types(lhs.dtype, grad.dtype)
+  precision = dot_precision(dt)
 
   def kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref):
     g, a, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -151,9 +164,10 @@ def tgmm_triton(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
 
     def row_step(i, acc):
       first_row = pl.multiple_of(i * tm, tm)
-      x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi)
-      d = _mask_rows(grad_ref[pl.ds(first_row, tm), ns], first_row, row_lo, row_hi)
-      return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      x = _mask_rows(lhs_ref[pl.ds(first_row, tm), ks], first_row, row_lo, row_hi).astype(dt)
+      d = _mask_rows(grad_ref[pl.ds(first_row, tm), ns], first_row, row_lo, row_hi).astype(dt)
+      return acc + lax.dot_general(x, d, (((0,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
 
     first_tile = row_lo // tm
     last_tile = jnp.where(row_hi > row_lo, (row_hi + tm - 1) // tm, first_tile)
