@@ -2,6 +2,8 @@ r"""Train-step throughput: tokens/s and MFU, soft (PHDS training) vs hard routin
 
     python -m benchmarks.train_step                      # demo-sized model, then a width-true OLMoE layer
     python -m benchmarks.train_step --presets=demo --tokens=4096
+    python -m benchmarks.train_step --presets olmoe_1layer --dtype bfloat16 --gmm-impls pallas ragged_dot \
+        --routing-impl pallas                            # GPU/TPU: kernels compared in a real train step
 
 Soft mode always computes k_pre slots (static shapes, ε past k); hard mode computes k slots, so its cost falls
 with k. Reports per-k step times and the soft/hard ratio.
@@ -44,16 +46,19 @@ def main():
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--gmm-impls", nargs="+", default=["auto"], help="grouped-matmul impls to compare")
+  parser.add_argument("--routing-impl", default="jax", choices=("jax", "pallas"))
   args = parser.parse_args()
   peak = observe.peak_tflops()
   print(f"# {machine()} | peak {peak or 'unknown'} TFLOP/s per device")
-  for name in args.presets:
-    cfg = models.ModelConfig(**PRESETS[name], dtype=args.dtype, param_dtype="float32")
+  for name, impl in [(n, i) for n in args.presets for i in args.gmm_impls]:
+    cfg = models.ModelConfig(**PRESETS[name], dtype=args.dtype, param_dtype="float32", gmm_impl=impl,
+                             routing_impl=args.routing_impl)
     params = models.init_params(cfg, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-4)
     data = batch(cfg, args.tokens // args.seq_len, args.seq_len)
     print(f"\n## {name}: d={cfg.hidden_size} E={cfg.num_experts} k_pre={cfg.k_pre} layers={cfg.num_layers} "
-          f"tokens/step={args.tokens} dtype={args.dtype}")
+          f"tokens/step={args.tokens} dtype={args.dtype} gmm={impl} routing={args.routing_impl}")
     print(f"{'k':>3} {'mode':>5} {'ms/step':>9} {'tok/s':>9} {'MFU':>7} {'soft/hard':>10}")
     for k in sorted({1, cfg.k_pre // 2, cfg.k_pre}):
       times = {}
