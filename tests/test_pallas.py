@@ -202,6 +202,21 @@ def test_tiny_model_pallas_equals_ragged_dot():
 # The Triton family's pieces, and both families' hardware lowerings (exported for CUDA / TPU from CPU).
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("split", [False, True], ids=["tile_loops_groups", "program_per_group"])
+@pytest.mark.parametrize("m,sizes", [(40, [5, 0, 20, 3]), (8, [0, 3, 0, 0, 2, 0, 3, 0])], ids=["train", "decode"])
+def test_triton_gmm_both_grid_layouts(split, m, sizes):
+  """Both gmm grids of the Triton family (one program per row tile looping over its groups; one program per
+  (row tile, group) with fp32 partials summed after), forward and with transposed weights."""
+  lhs, rhs = operands(m, len(sizes), 32, 32, seed=9)
+  gs = jnp.asarray(sizes, jnp.int32)
+  interpret = jax.default_backend() != "gpu"
+  for rhs_in, transpose in ((rhs, False), (jnp.swapaxes(rhs, 1, 2), True)):
+    out = pallas_gmm_triton.gmm_triton(lhs, rhs_in, gs, tile_m=16, tile_k=16, tile_n=16, interpret=interpret,
+                                       transpose_rhs=transpose, split_groups=split)
+    np.testing.assert_allclose(out, np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[sum(sizes):], 0.0)
+
+
 def test_triton_tile_group_ranges_skip_empty_groups():
   from phds_jax.kernels.grouped_matmul import group_bounds
   bounds = group_bounds(jnp.array([5, 0, 20, 3], jnp.int32), m=40)
@@ -261,6 +276,10 @@ def test_gmm_kernels_lower_for_hardware(experts, d, f, platform, fwd, tgmm):
                  ((experts,), i32))
   target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
   assert text.count(f"custom_call @{target}") == 3
+  if platform == "cuda":  # a decode step (8 routed rows): the program-per-group grid
+    decode = lambda x, w, gs: fwd(x, w, gs, split_groups=True)
+    text = _export(decode, platform, ((8, d), bf16), ((experts, d, f), bf16), ((experts,), i32))
+    assert text.count(f"custom_call @{target}") == 1
 
 
 def test_train_step_pallas_equals_ragged_dot():

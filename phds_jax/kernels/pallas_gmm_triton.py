@@ -4,11 +4,14 @@ GPU grid programs run concurrently, so unlike the TPU kernel (pallas_gmm_tpu.py)
 revisiting an output block on consecutive grid steps, each program here computes its whole output block
 in registers and writes it once:
 
-  gmm   grid (row tiles, n tiles). Program (t, j) loops over the nonempty groups overlapping row tile t
-        (usually one, two at a boundary; precomputed as a [lo, hi) range into the nonempty-group list) and,
-        per group, over k in `tile_k` steps: acc += mask_rows(lhs[t, kk]) @ rhs[g, kk, j]. Rows outside
+  gmm   grid (row tiles, 1, n tiles). Program (t, 0, j) loops over the nonempty groups overlapping row tile
+        t (usually one, two at a boundary; precomputed as a [lo, hi) range into the nonempty-group list)
+        and, per group, over k in `tile_k` steps: acc += mask_rows(lhs[t, kk]) @ rhs[g, kk, j]. Rows outside
         the group are zeroed before the dot, so a tile shared by two groups sums two disjoint products.
-        Row tiles past sum(group_sizes) have an empty range and write zeros.
+        Row tiles past sum(group_sizes) have an empty range and write zeros. When that grid is too small
+        to fill the GPU (decode: m = tokens x k is one row tile spanning k experts), the middle axis splits
+        a tile's groups over programs (grid (row tiles, min(G, tile_m), n tiles)): each writes its own fp32
+        partial block and the partials are summed after the kernel; still no two programs share a block.
   tgmm  grid (G, k tiles, n tiles). Program (g, a, b) loops over the row tiles covering group g:
         acc += mask_rows(lhs[rows, a])ᵀ @ mask_rows(grad[rows, b]). Empty groups loop zero times -> zeros.
 
@@ -32,6 +35,8 @@ from phds_jax.kernels.grouped_matmul import group_bounds
 
 __all__ = ["dot_precision", "gmm_triton", "next_pow2", "pow2_tile", "tgmm_triton"]
 
+MIN_PROGRAMS = 256  # below this many (row tile, n tile) programs, gmm splits tiles by group (~2 per H100 SM)
+MAX_SPLIT_ROWS = 256  # ... if m is at most this: fp32 partials of <= 16 x 16 x 16 = 4096 rows (decode sizes)
 MIN_DOT_TILE = 16  # tl.dot needs every dimension >= 16; the interpreter enforces it too, so CPU runs
                    # accept exactly the shapes a GPU would
 
@@ -92,23 +97,34 @@ def _tile_group_ranges(bounds, count: int, num_tiles: int, tile_m: int) -> tuple
 
 def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m: int = 64,
                tile_k: int = 64, tile_n: int = 128, transpose_rhs: bool = False, interpret: bool = False,
-               out_dtype=None, num_warps: int | None = 4, num_stages: int | None = 3) -> jax.Array:
-  """lhs[m,k] x rhs[G,k,n] (or rhs[G,n,k]ᵀ with transpose_rhs) -> [m,n] in out_dtype (default lhs's)."""
+               out_dtype=None, num_warps: int | None = 4, num_stages: int | None = 3,
+               split_groups: bool | None = None) -> jax.Array:
+  """lhs[m,k] x rhs[G,k,n] (or rhs[G,n,k]ᵀ with transpose_rhs) -> [m,n] in out_dtype (default lhs's).
+
+  `split_groups`: give each (row tile, group) pair its own program, writing an fp32 partial block summed
+  afterwards, instead of one program looping over the tile's groups. None: only when the plain grid is too
+  small to fill a GPU (decode: 1 row tile x n/tile_n programs would each stream k experts' weights) and
+  m <= MAX_SPLIT_ROWS; the heuristic then also uses 16-row tiles. Unmeasured on hardware so far.
+  """
   m, k = lhs.shape
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
   tm = _row_tile(m, tile_m, MIN_DOT_TILE)
   tk, tn = pow2_tile(k, tile_k, "k", MIN_DOT_TILE), pow2_tile(n, tile_n, "n", MIN_DOT_TILE)
+  if split_groups is None:  # decode-sized: more programs, smallest row tile (groups of ~1 row each)
+    split_groups = m <= MAX_SPLIT_ROWS and pl.cdiv(m, tm) * (n // tn) < MIN_PROGRAMS
+    tm = MIN_DOT_TILE if split_groups else tm
   num_tiles = pl.cdiv(m, tm)
   lhs_p = jnp.pad(lhs, ((0, num_tiles * tm - m), (0, 0)))
   bounds = group_bounds(group_sizes, m)
   lo, hi, starts, ends = _tile_group_ranges(bounds, num_groups, num_tiles, tm)
   dt = jnp.promote_types(lhs.dtype, rhs.dtype)  # tl.dot needs equal operand types (e.g. fp32 cotangents)
   precision = dot_precision(dt)
+  split = min(num_groups, tm) if split_groups else 1  # a row tile overlaps at most tm nonempty groups
 
   def kernel(lo_ref, hi_ref, gid_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref):
-    t, j = pl.program_id(0), pl.program_id(1)
+    t, s, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     first_row = pl.multiple_of(t * tm, tm)
     cols = pl.ds(pl.multiple_of(j * tn, tn), tn)
 
@@ -124,19 +140,25 @@ def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
 
       return lax.fori_loop(0, k // tk, k_step, acc)
 
-    acc = lax.fori_loop(lo_ref[t], hi_ref[t], group_step, jnp.zeros((tm, tn), jnp.float32))
+    if split == 1:  # all the tile's groups
+      first, last = lo_ref[t], hi_ref[t]
+    else:  # its s-th group only (none when s is past the tile's count)
+      first = lo_ref[t] + s
+      last = jnp.minimum(first + 1, hi_ref[t])
+    acc = lax.fori_loop(first, last, group_step, jnp.zeros((tm, tn), jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_tiles * tm, n), out_dtype),
-      grid=(num_tiles, n // tn),
-      out_specs=pl.BlockSpec((tm, tn), lambda t, j: (t, j)),
+      out_shape=jax.ShapeDtypeStruct((num_tiles, split, tm, n), out_dtype if split == 1 else jnp.float32),
+      grid=(num_tiles, split, n // tn),
+      out_specs=pl.BlockSpec((None, None, tm, tn), lambda t, s, j: (t, s, 0, j)),
       compiler_params=_compiler_params(num_warps, num_stages),
       interpret=interpret,
       name="phds_gmm",
   )(lo, hi, bounds.nonempty_G, starts, ends, lhs_p, rhs)
-  return out[:m]
+  out = out.reshape(num_tiles * tm, n) if split == 1 else out.sum(axis=1).reshape(num_tiles * tm, n)
+  return out[:m].astype(out_dtype)
 
 
 def tgmm_triton(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile_m: int = 64,
