@@ -1,9 +1,24 @@
 """Evaluate one checkpoint at several top-k: `python -m phds_jax.eval --checkpoint=DIR --tasks=... --out=DIR`.
 
 --checkpoint is a Hugging Face directory (config.json + safetensors + tokenizer.json) or a phds_jax params
-checkpoint (model_config.json + params/; pass --tokenizer unless tokenizer.json sits beside it). Task specs:
-NAME (tfds under --data_dir), NAME:PATH (local JSONL/parquet), jsonl:PATH (generic multiple choice),
-ppl:PATH (perplexity); see phds_jax/evaluation/tasks.py. Writes OUT/results.json, results.md, samples/, plots.
+checkpoint (model_config.json + params/; pass --tokenizer unless tokenizer.json sits beside it).
+
+Task specs (comma-separated in --tasks); nothing is ever downloaded:
+  NAME                   a registered task read from a prepared tfds dataset under --data_dir: arc_easy,
+                         arc_challenge, boolq, hellaswag, piqa, winogrande, openbookqa, triviaqa (generation)
+  NAME:PATH              the same task from a local .jsonl / .json / .parquet file in the Hugging Face schema of
+                         the harness's dataset (sciq, siqa and wikitext exist only in this form)
+  NAME:tfds:DATASET/SPLIT  another prepared tfds dataset, e.g. boolq:tfds:super_glue/boolq/validation
+  jsonl:PATH             your own multiple choice, one JSON object per line:
+                           {"context": "The sky is", "choices": ["blue", "green"], "gold": 0}
+                         each choice is scored as log p(" " + choice | context); optional "target_delimiter"
+                         replaces the " " (use "" when the context ends in a chat template's assistant header)
+  ppl:PATH               perplexity of plain text: a .txt file is one document; .jsonl / .parquet records give one
+                         document each from their "text" field (rolling windows of --max_length tokens)
+
+Writes OUT/results.json (every metric with a 95% bootstrap CI, per k), results.md, samples/<task>_k<k>.jsonl,
+accuracy_vs_k.png (one panel per kind of task present) and agreement.png. Every task is loaded before any
+scoring starts; if a later task fails, the finished ones are still written.
 """
 
 from __future__ import annotations
@@ -35,6 +50,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
   flags.DEFINE_integer("seed", 0, "Bootstrap seed.", **kw)
   flags.DEFINE_integer("max_new_tokens", 32, "Generation length limit (TriviaQA).", **kw)
   flags.DEFINE_bool("plots", True, "Write PNG plots.", **kw)
+  flags.DEFINE_integer("prefix_token_id", None, "Token that conditions an empty context and the first window of "
+                       "a perplexity document (default: the tokenizer's BOS, else the config's bos/eos id, else "
+                       "the tokenizer's <|endoftext|>-style token).", **kw)
   return fv
 
 
@@ -58,22 +76,32 @@ def load_model(checkpoint: str, tokenizer: str | None = None, dtype: str | None 
 def run(fv: flags.FlagValues = FLAGS):
   """Loads the checkpoint named by the parsed flags `fv`, evaluates it and writes --out; returns EvalResults."""
   from phds_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from phds_jax.evaluation.tasks import get_tasks  # pylint: disable=g-import-not-at-top
+  try:
+    get_tasks(fv.tasks)  # spec typos fail before the checkpoint loads
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   cfg, params, tokenizer = load_model(fv.checkpoint, fv.tokenizer, fv.dtype)
   ks = [int(k) for k in fv.ks] if fv.ks else None
   return evaluate(cfg, params, tokenizer, fv.tasks, ks, limit=fv.limit, batch_size=fv.batch_size,
                   max_length=fv.max_length, min_bucket=fv.min_bucket, data_dir=fv.data_dir, out_dir=fv.out,
                   n_boot=fv.n_boot, seed=fv.seed, max_new_tokens=fv.max_new_tokens, plots=fv.plots,
-                  meta={"checkpoint": str(Path(fv.checkpoint).absolute())})
+                  meta={"checkpoint": str(Path(fv.checkpoint).absolute())}, prefix_token_id=fv.prefix_token_id)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(FLAGS)
+  from phds_jax import console, hf  # pylint: disable=g-import-not-at-top
+  from phds_jax.evaluation import EvalDataError  # pylint: disable=g-import-not-at-top
+  with console.user_errors(EvalDataError, hf.CheckpointError, FileNotFoundError):
+    run(FLAGS)
   logging.info("wrote %s", FLAGS.out)
   print((Path(FLAGS.out) / "results.md").read_text())
 
 
 if __name__ == "__main__":
+  from phds_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_backend_probe()
   define_flags()
   app.run(main)

@@ -432,3 +432,81 @@ def test_load_model_from_params_checkpoint(tiny, tmp_path):
   assert tok.get_vocab_size() == 500
   np.testing.assert_allclose(np.asarray(params2["lm_head"]["kernel"], np.float32),
                              np.asarray(params["lm_head"]["kernel"]), atol=1e-2)
+
+
+# ---------------------------------------------------------------------------- demo checkpoint, user paths
+
+DEMO = Path(hf.__file__).parent / "assets" / "demo_base"
+
+
+def test_prefix_token_defaults_to_the_tokenizers_end_of_text_and_can_be_set():
+  """The demo checkpoints name no bos/eos id in config.json: perplexity must still run (on <|endoftext|>)."""
+  tok = hf.load_tokenizer(DEMO)
+  eot = tok.token_to_id("<|endoftext|>")
+  enc = TextEncoder(tok)
+  assert enc.prefix_token_id == eot and enc.eos_token_id == eot
+  assert enc.rolling_windows([5, 6, 7], 2) == [([eot], [5, 6]), ([6], [7])]
+  assert TextEncoder(tok, prefix_token_id=3).rolling_windows([5], 2) == [([3], [5])]
+  with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):
+    TextEncoder(tok, prefix_token_id=10**6)
+  bare = Tokenizer(tok_models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+  with pytest.raises(ValueError, match="--prefix_token_id"):
+    TextEncoder(bare).rolling_windows([0], 4)
+
+
+def test_all_tasks_checked_before_scoring_and_finished_tasks_kept(tmp_path, monkeypatch):
+  from phds_jax.evaluation import runner
+  cfg, params = hf.load(DEMO)
+  tok = hf.load_tokenizer(DEMO)
+  mc = str(Path(hf.__file__).parent / "assets" / "demo_sft" / "mc_eval.jsonl")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"context": "x", "choices": ["a"]}\n')
+  calls = []
+  real_run = runner._run
+  monkeypatch.setattr(runner, "_run", lambda prep, *a: calls.append(prep.task.name) or real_run(prep, *a))
+  with pytest.raises(EvalDataError, match=r"bad.jsonl:1: jsonl:bad: missing field 'gold'"):
+    evaluate(cfg, params, tok, [f"jsonl:{mc}", f"jsonl:{bad}"], ks=[1], limit=4, out_dir=tmp_path / "o1")
+  assert calls == [] and not (tmp_path / "o1").exists()  # nothing scored, nothing written
+
+  text = tmp_path / "doc.txt"
+  text.write_text("Return a new list containing the items.\n")
+
+  def out_of_memory(prep, *a):  # a failure only scoring can reveal (the real one: device OOM)
+    if prep.task.kind == "ppl":
+      raise MemoryError("simulated out of memory")
+    return real_run(prep, *a)
+
+  monkeypatch.setattr(runner, "_run", out_of_memory)
+  out = tmp_path / "o2"
+  with pytest.raises(MemoryError):
+    evaluate(cfg, params, tok, [f"jsonl:{mc}", f"ppl:{text}"], ks=[1, 4], limit=4, out_dir=out, n_boot=10)
+  summary = report.load_summary(out)
+  assert list(summary["tasks"]) == ["jsonl:mc_eval"] and summary["tasks"]["jsonl:mc_eval"]["n"] == 4
+  assert summary["meta"]["incomplete"]["failed_task"] == "ppl:doc"
+  assert "**Incomplete:** task `ppl:doc` failed" in (out / "results.md").read_text()
+  assert len(report.load_samples(out, "jsonl:mc_eval", 4)) == 4
+
+
+def test_plot_panels_follow_the_tasks_present():
+  def entry(kind):
+    return {"kind": kind, "primary": "acc", "by_k": {"1": {"acc": 0.5}}}
+  ppl_only = {"meta": {"ks": [1]}, "tasks": {"ppl:a": entry("ppl")}}
+  assert [p[0] for p in report.metric_panels(ppl_only)] == ["perplexity"]
+  mixed = {"meta": {"ks": [1]}, "tasks": {"jsonl:a": entry("mc"), "ppl:b": entry("ppl")}}
+  assert [(p[0], list(p[1])) for p in report.metric_panels(mixed)] == [("accuracy", ["jsonl:a"]),
+                                                                        ("perplexity", ["ppl:b"])]
+
+
+def test_cli_help_documents_local_formats_and_backend_probe_is_quiet():
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="")  # let jax probe every plugin, as on a user's machine
+  out = subprocess.run([sys.executable, "-m", "phds_jax.eval", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)  # absl exits 1 after --help
+  for needle in ("jsonl:PATH", '"choices"', "ppl:PATH", ".parquet", "--prefix_token_id"):
+    assert needle in out.stdout
+  missing = subprocess.run([sys.executable, "-m", "phds_jax.eval", f"--checkpoint={DEMO}", "--ks=1",
+                            "--tasks=ppl:/nonexistent.txt", "--out=/tmp/unused"], capture_output=True, text=True,
+                           env=env, timeout=120)
+  assert missing.returncode == 2 and "error: /nonexistent.txt: no such file" in missing.stderr
+  assert "Traceback" not in missing.stderr and "Unable to initialize backend" not in missing.stderr

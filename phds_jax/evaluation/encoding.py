@@ -9,7 +9,9 @@
   continuation)` and `ctx = encode(context)`, and the continuation's tokens are `whole[len(ctx):]`. When `ctx` is
   not a prefix of `whole` (a merge across the boundary), the two parts are encoded separately and the
   continuation is `encode(continuation)` without special tokens, so the scored tokens always spell the
-  continuation exactly. An empty context becomes `[prefix_token_id]` (BOS, else EOS), as in the harness.
+  continuation exactly. An empty context becomes `[prefix_token_id]` (BOS, else EOS), as in the harness; for a
+  checkpoint whose config names neither, a special end/begin-of-text token of the tokenizer (`<|endoftext|>`,
+  `</s>`, ...: the demo checkpoints' case), else an error that asks for `prefix_token_id`.
 * Rolling windows (`rolling_windows`): a document is split into disjoint prediction windows of at most
   `max_length` tokens; the first is conditioned on `[prefix_token_id]`, each later one on the single token before
   it (the harness's `loglikelihood_rolling` with context_len=1), so every token is predicted exactly once.
@@ -41,6 +43,17 @@ def _special_prefix(tokenizer: tokenizers.Tokenizer) -> Ids:
   return lead
 
 
+# Special tokens that mark a document boundary in common tokenizers, in order of preference: what a model saw
+# before a document's first token when its config names no bos/eos id.
+BOUNDARY_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "<|begin_of_text|>", "</s>", "<s>", "<eos>", "<bos>")
+
+
+def boundary_token(tokenizer: tokenizers.Tokenizer) -> int | None:
+  """The id of the tokenizer's first special token in BOUNDARY_TOKENS, or None."""
+  special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+  return next((special[name] for name in BOUNDARY_TOKENS if name in special), None)
+
+
 def _config_token(hf_extra_json: str | None, key: str) -> int | None:
   if not hf_extra_json:
     return None
@@ -56,15 +69,21 @@ class TextEncoder:
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, prefix_token_id: int | None = None,
                eos_token_id: int | None = None, hf_extra_json: str | None = None):
     """`prefix_token_id` conditions empty contexts and the first rolling window: by default the post-processor's
-    BOS, else the model config's `bos_token_id`, else its `eos_token_id` (HF configs keep them in `hf_extra_json`).
-    `eos_token_id` (default: the config's) stops generation.
+    BOS, else the model config's `bos_token_id`, else its `eos_token_id` (HF configs keep them in `hf_extra_json`),
+    else the tokenizer's special boundary token (`boundary_token`). `eos_token_id` (default: the config's, else
+    that boundary token) stops generation.
     """
     self.tokenizer = tokenizer
     self.special_prefix = _special_prefix(tokenizer)
-    self.eos_token_id = eos_token_id if eos_token_id is not None else _config_token(hf_extra_json, "eos_token_id")
+    boundary = boundary_token(tokenizer)
+    config_eos = _config_token(hf_extra_json, "eos_token_id")
+    self.eos_token_id = next((c for c in (eos_token_id, config_eos, boundary) if c is not None), None)
+    if prefix_token_id is not None and not 0 <= prefix_token_id < tokenizer.get_vocab_size():
+      raise ValueError(f"prefix_token_id={prefix_token_id} is outside the tokenizer's vocabulary "
+                       f"[0, {tokenizer.get_vocab_size()})")
     if prefix_token_id is None:
       candidates = [self.special_prefix[-1] if self.special_prefix else None,
-                    _config_token(hf_extra_json, "bos_token_id"), self.eos_token_id]
+                    _config_token(hf_extra_json, "bos_token_id"), config_eos, boundary]
       prefix_token_id = next((c for c in candidates if c is not None), None)
     self.prefix_token_id = prefix_token_id
 
@@ -77,8 +96,9 @@ class TextEncoder:
 
   def _prefix(self) -> Ids:
     if self.prefix_token_id is None:
-      raise ValueError("an empty context needs a prefix token: the tokenizer adds no BOS and the model config "
-                       "names no bos/eos token; pass prefix_token_id")
+      raise ValueError("an empty context (and a perplexity document's first window) needs a prefix token: the "
+                       "tokenizer adds no BOS, has no end-of-text token and the model config names no bos/eos "
+                       "token; pass prefix_token_id (CLI: --prefix_token_id=ID)")
     return [self.prefix_token_id]
 
   def encode_pair(self, context: str, continuation: str) -> tuple[Ids, Ids]:

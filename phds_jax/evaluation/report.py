@@ -5,8 +5,8 @@
                                      agreement matrices
     OUT/samples/{task}_k{k}.jsonl    per-item records (MC: lls, is_greedy, preds, gold; ppl: ll and unit counts;
                                      generation: text, normalised pred, answers); ':' in task names becomes '_'
-    OUT/accuracy_vs_k.png            primary metric vs k per task, MC average in bold (perplexity tasks in a
-                                     second panel)
+    OUT/accuracy_vs_k.png            primary metric vs k per task, MC average in bold; perplexity tasks in
+                                     their own panel (one panel per kind present: a ppl-only run draws only it)
     OUT/agreement.png                agreement heatmaps across k: MC average, then each task
 """
 
@@ -107,7 +107,12 @@ def markdown(summary: dict[str, Any]) -> str:
            f"Checkpoint: `{meta.get('checkpoint', '(in memory)')}`; model {meta['model_type']}, "
            f"k_pre={meta['k_pre']}; limit={meta['limit']}; max_length={meta['max_length']}; "
            f"95% bootstrap CIs ({meta['n_boot']} resamples, seed {meta['seed']}).", "",
-           "## Primary metric", ""]
+           ]
+  if meta.get("incomplete"):
+    inc = meta["incomplete"]
+    lines += [f"**Incomplete:** task `{inc['failed_task']}` failed ({inc['error']}); not run: "
+              f"{', '.join(inc['not_run'])}. The tables hold the tasks that finished.", ""]
+  lines += ["## Primary metric", ""]
   rows = [[name, t["primary"], str(t["n"])] + [_fmt(t["by_k"][str(k)][t["primary"]],
                                                      t["by_k"][str(k)].get(f"{t['primary']}_ci")) for k in ks]
           for name, t in tasks.items()]
@@ -139,6 +144,14 @@ def markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ plots
 
 
+def metric_panels(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """(y label, {task: entry}) per panel of accuracy_vs_k.png: one per kind of task present, none left empty."""
+  tasks = summary["tasks"]
+  scored = {n: t for n, t in tasks.items() if t["kind"] != "ppl"}
+  ppl = {n: t for n, t in tasks.items() if t["kind"] == "ppl"}
+  return ([("accuracy", scored)] if scored else []) + ([("perplexity", ppl)] if ppl else [])
+
+
 def plot(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -147,20 +160,14 @@ def plot(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
   out, ks, tasks = Path(out_dir), summary["meta"]["ks"], summary["tasks"]
   avg = summary.get("average") or {}
   scored = {n: t for n, t in tasks.items() if t["kind"] != "ppl"}
-  ppl = {n: t for n, t in tasks.items() if t["kind"] == "ppl"}
-  fig, axes = plt.subplots(1, 1 + bool(ppl), figsize=(6 + 5 * bool(ppl), 4.5), squeeze=False)
-  ax = axes[0, 0]
-  for name, t in scored.items():
-    ax.plot(ks, [t["by_k"][str(k)][t["primary"]] for k in ks], marker="o", label=f"{name} ({t['primary']})")
-  if avg:
-    ax.plot(ks, [avg["by_k"][str(k)] for k in ks], marker="s", color="black", linewidth=2.5, label="MC average")
-  ax.set(xlabel="k (active experts per token)", ylabel="accuracy", title="Accuracy vs k", xticks=ks)
-  ax.legend(fontsize=7)
-  if ppl:
-    ax = axes[0, 1]
-    for name, t in ppl.items():
+  panels = metric_panels(summary)
+  fig, axes = plt.subplots(1, len(panels), figsize=(1 + 5 * len(panels), 4.5), squeeze=False)
+  for ax, (ylabel, group) in zip(axes.flat, panels):
+    for name, t in group.items():
       ax.plot(ks, [t["by_k"][str(k)][t["primary"]] for k in ks], marker="o", label=f"{name} ({t['primary']})")
-    ax.set(xlabel="k", ylabel="perplexity", title="Perplexity vs k", xticks=ks)
+    if ylabel == "accuracy" and avg:
+      ax.plot(ks, [avg["by_k"][str(k)] for k in ks], marker="s", color="black", linewidth=2.5, label="MC average")
+    ax.set(xlabel="k (active experts per token)", ylabel=ylabel, title=f"{ylabel.capitalize()} vs k", xticks=ks)
     ax.legend(fontsize=7)
   fig.tight_layout()
   paths = [out / "accuracy_vs_k.png"]

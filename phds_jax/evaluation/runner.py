@@ -25,7 +25,7 @@ from phds_jax.evaluation import metrics as M
 from phds_jax.evaluation.encoding import TextEncoder
 from phds_jax.evaluation.engine import Engine
 from phds_jax.evaluation.sources import EvalDataError
-from phds_jax.evaluation.tasks import MC, PPL, Task, get_tasks
+from phds_jax.evaluation.tasks import GEN, MC, PPL, Task, get_tasks
 from phds_jax.models.config import ModelConfig
 
 Record = dict[str, Any]
@@ -194,52 +194,85 @@ def evaluate(cfg: ModelConfig, params: Any, tokenizer: tokenizers.Tokenizer | Te
              batch_size: int = 8, max_length: int | None = None, min_bucket: int = 16, data_dir: str | None = None,
              out_dir: str | None = None, n_boot: int = M.N_BOOT, seed: int = 0, max_new_tokens: int = 32,
              until: Sequence[str] = ("\n",), progress: bool = True, plots: bool = True,
-             meta: Mapping[str, Any] | None = None) -> EvalResults:
+             meta: Mapping[str, Any] | None = None, prefix_token_id: int | None = None) -> EvalResults:
   """Evaluates `tasks` (specs, see tasks.py) at each k in `ks` (default 1..k_pre); writes `out_dir` if given.
 
   `limit` takes the first N documents of each task; `max_length` (default cfg.max_position_embeddings) bounds
   every scored window; inputs are padded to power-of-two lengths >= `min_bucket` (fewer compilations when
-  larger); generation stops at any string of `until` or after `max_new_tokens`.
+  larger); generation stops at any string of `until` or after `max_new_tokens`; `prefix_token_id` overrides the
+  token that conditions empty contexts and perplexity windows (see encoding.py for the default).
+
+  Every task is loaded and tokenized before any scoring starts, so bad data or a missing prefix token fails in
+  seconds, not after an hour of scoring. If scoring fails part-way (out of memory, an interrupt), the tasks
+  finished so far are still written to `out_dir` (results.json's meta names the task that failed) and the
+  error is re-raised.
   """
   ks = _check_ks(ks, cfg)
   k_ref = cfg.k_pre if cfg.k_pre in ks else max(ks)
   task_list = get_tasks(tasks)
-  encoder = tokenizer if isinstance(tokenizer, TextEncoder) else TextEncoder(
-      tokenizer, hf_extra_json=cfg.hf_extra_json)
+  if isinstance(tokenizer, TextEncoder):
+    if prefix_token_id is not None:
+      raise ValueError("pass prefix_token_id to the TextEncoder you built, not to evaluate()")
+    encoder = tokenizer
+  else:
+    encoder = TextEncoder(tokenizer, hf_extra_json=cfg.hf_extra_json, prefix_token_id=prefix_token_id)
   engine = Engine(cfg, params, batch_size=batch_size, max_length=max_length, min_bucket=min_bucket)
+  if any(t.kind == GEN for t in task_list) and not 1 <= max_new_tokens < engine.max_length:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, max_length={engine.max_length})")
   boot, gen = {"n_boot": n_boot, "seed": seed}, {"until": list(until), "max_new_tokens": max_new_tokens}
+  prepared = []
+  for task in task_list:  # all data checked first: nothing is scored if any task cannot run
+    try:
+      prepared.append(_Prepared(task, task.load(data_dir, limit), encoder, engine))
+    except EvalDataError:
+      raise
+    except ValueError as e:  # e.g. no prefix token for a perplexity window
+      raise EvalDataError(f"{task.name}: {e}") from e
+  run_meta = {"ks": ks, "k_ref": k_ref, "k_pre": cfg.k_pre, "model_type": cfg.model_type,
+              "num_experts": cfg.num_experts, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+              "limit": limit, "batch_size": batch_size, "max_length": engine.max_length, "n_boot": n_boot,
+              "seed": seed, "generation": gen, "prefix_token_id": encoder.prefix_token_id,
+              "bos_added": bool(encoder.special_prefix), "time": datetime.datetime.now().isoformat(),
+              **dict(meta or {})}
   summary_tasks: dict[str, Any] = {}
   samples: dict[str, dict[int, list[Record]]] = {}
   bar = tqdm(total=len(task_list) * len(ks), desc="eval", unit="task×k", disable=not progress)
-  for task in task_list:
-    bar.set_description(f"{task.name}: loading")
-    prep = _Prepared(task, task.load(data_dir, limit), encoder, engine)
-    by_k: dict[int, dict] = {}
-    samples[task.name] = {}
-    for k in ks:
-      bar.set_description(f"{task.name} k={k}")
-      start = time.perf_counter()
-      records = _run(prep, engine, encoder, k, gen)
-      by_k[k] = {**_metrics(task, records, boot), "seconds": round(time.perf_counter() - start, 3)}
-      samples[task.name][k] = records
-      bar.update(1)
-    summary_tasks[task.name] = {
-        "kind": task.kind, "primary": task.primary, "metrics": list(task.metrics), "prompt": task.prompt,
-        "source": task.source, "n": len(prep.items), "by_k": {str(k): v for k, v in by_k.items()},
-        **_cross_k(task, by_k, samples[task.name], k_ref)}
-  bar.close()
-  summary = {
-      "meta": {"ks": ks, "k_ref": k_ref, "k_pre": cfg.k_pre, "model_type": cfg.model_type,
-               "num_experts": cfg.num_experts, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-               "limit": limit, "batch_size": batch_size, "max_length": engine.max_length, "n_boot": n_boot,
-               "seed": seed, "generation": gen, "prefix_token_id": encoder.prefix_token_id,
-               "bos_added": bool(encoder.special_prefix), "time": datetime.datetime.now().isoformat(),
-               **dict(meta or {})},
-      "tasks": summary_tasks,
-      "average": _average(summary_tasks, ks, k_ref),
-  }
-  results = EvalResults(summary, samples)
+  try:
+    for prep in prepared:
+      task = prep.task
+      by_k: dict[int, dict] = {}
+      task_samples: dict[int, list[Record]] = {}
+      for k in ks:
+        bar.set_description(f"{task.name} k={k}")
+        start = time.perf_counter()
+        records = _run(prep, engine, encoder, k, gen)
+        by_k[k] = {**_metrics(task, records, boot), "seconds": round(time.perf_counter() - start, 3)}
+        task_samples[k] = records
+        bar.update(1)
+      samples[task.name] = task_samples
+      summary_tasks[task.name] = {
+          "kind": task.kind, "primary": task.primary, "metrics": list(task.metrics), "prompt": task.prompt,
+          "source": task.source, "n": len(prep.items), "by_k": {str(k): v for k, v in by_k.items()},
+          **_cross_k(task, by_k, task_samples, k_ref)}
+  except BaseException as e:  # also KeyboardInterrupt: keep what is finished, then stop as asked
+    failed = next(p.task.name for p in prepared if p.task.name not in summary_tasks)
+    run_meta["incomplete"] = {"failed_task": failed, "error": f"{type(e).__name__}: {e}",
+                              "not_run": [p.task.name for p in prepared if p.task.name not in summary_tasks]}
+    if out_dir is not None and summary_tasks:
+      _write(out_dir, EvalResults(_summary(run_meta, summary_tasks, ks, k_ref), samples), plots)
+    raise
+  finally:
+    bar.close()
+  results = EvalResults(_summary(run_meta, summary_tasks, ks, k_ref), samples)
   if out_dir is not None:
-    from phds_jax.evaluation import report  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
-    report.write(out_dir, results, plots=plots)
+    _write(out_dir, results, plots)
   return results
+
+
+def _summary(meta: dict, summary_tasks: dict, ks: list[int], k_ref: int) -> dict[str, Any]:
+  return {"meta": meta, "tasks": summary_tasks, "average": _average(summary_tasks, ks, k_ref)}
+
+
+def _write(out_dir: str, results: EvalResults, plots: bool) -> None:
+  from phds_jax.evaluation import report  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+  report.write(out_dir, results, plots=plots)
