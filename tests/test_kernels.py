@@ -1,5 +1,7 @@
 """Grouped matmul: every implementation against jax.lax.ragged_dot and a numpy per-group loop; dispatch rules."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from phds_jax import kernels
 from phds_jax.kernels import grouped_matmul as gm
+from phds_jax.kernels import tuning
 from tests.grouped_reference import np_gmm, np_tgmm, operands
 
 GMM_IMPLS = ("auto", "jax", "ragged_dot", "dense")
@@ -203,15 +206,18 @@ PALLAS_DECLINES_K = 200
 
 
 def test_accelerator_order_falls_through_pallas():
-  """The GPU/TPU order starts with Pallas; where Pallas declines a case, ragged_dot must take it."""
+  """The GPU/TPU order starts with Pallas (then tokamax, absent here); where both decline, ragged_dot must
+  take the case, and each skipped implementation is reported by a warning."""
   order = kernels.impl_order("auto", backend="gpu")
-  assert order == ("pallas", "ragged_dot", "jax")
+  assert order == ("pallas", "tokamax", "ragged_dot", "jax")
   assert kernels.impl_order("auto", backend="tpu") == order
   lhs, rhs = operands(16, 2, PALLAS_DECLINES_K, 4)
   gs = jnp.asarray([6, 10], jnp.int32)
   jaxpr = _jaxpr_text(lambda a, b: kernels.dispatch("gmm", order, a, b, gs, None, None), lhs, rhs)
   assert "ragged_dot_general" in jaxpr and "pallas_call" not in jaxpr
-  out = kernels.dispatch("gmm", order, lhs, rhs, gs, None, None)
+  kernels._WARNED.clear()
+  with pytest.warns(RuntimeWarning, match="'pallas' unavailable.*using 'ragged_dot'"):
+    out = kernels.dispatch("gmm", order, lhs, rhs, gs, None, None)
   np.testing.assert_allclose(out, np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-4)
   with pytest.raises(NotImplementedError, match="no gmm implementation"):
     kernels.dispatch("gmm", ("pallas", "pallas"), lhs, rhs, gs, None, None)
@@ -220,7 +226,7 @@ def test_accelerator_order_falls_through_pallas():
 def test_unknown_impl_lists_valid_ones():
   lhs, rhs = operands(8, 2, 4, 4)
   gs = jnp.asarray([4, 4], jnp.int32)
-  with pytest.raises(ValueError, match="auto, pallas, jax, ragged_dot, dense"):
+  with pytest.raises(ValueError, match="auto, tokamax, pallas, jax, ragged_dot, dense"):
     kernels.gmm(lhs, rhs, gs, impl="triton")
   with pytest.raises(ValueError, match="valid"):
     kernels.tgmm(lhs, lhs, gs, impl="cuda")
@@ -257,3 +263,61 @@ def test_type_and_tgmm_shape_errors():
     kernels.tgmm(jnp.zeros((8, 4)), jnp.zeros((2, 8, 3)), jnp.zeros((2,), jnp.int32))
   with pytest.raises(ValueError, match="tile_m must be positive"):
     kernels.gmm(jnp.zeros((8, 4)), jnp.zeros((2, 4, 3)), jnp.zeros((2,), jnp.int32), impl="jax", tile_m=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tuned auto table and tokamax (which cannot import on this CI's jax 0.10 / Python 3.11).
+# ----------------------------------------------------------------------------------------------------------
+
+def test_tuned_table_rows_are_valid_and_end_in_an_always_available_impl():
+  rows = {**kernels.AUTO_ORDERS, "cpu_small": tuning.CPU_SMALL_ORDER}
+  for kind, order in rows.items():
+    assert set(order) <= set(kernels.IMPLS) - {"auto"}, kind
+    assert order[-1] in ("jax", "ragged_dot") and len(set(order)) == len(order), kind
+  assert set(tuning.SOURCE) == set(kernels.AUTO_ORDERS), "every row says where its order comes from"
+
+
+def test_tuned_table_lookup_exact_prefix_platform():
+  table = {"cpu": ("jax",), "gpu": ("pallas", "jax"), "tpu": ("ragged_dot",), "NVIDIA H1": ("dense",),
+           "NVIDIA H100": ("tokamax", "jax")}
+  assert tuning.auto_order("gpu", kind="NVIDIA H100", table=table) == ("tokamax", "jax")
+  assert tuning.auto_order("gpu", kind="NVIDIA H100 80GB HBM3", table=table) == ("tokamax", "jax")  # longest prefix
+  assert tuning.auto_order("gpu", kind="NVIDIA A100-SXM4-80GB", table=table) == ("pallas", "jax")
+  assert tuning.auto_order("tpu", kind="TPU v5 lite", table=table) == ("ragged_dot",)
+  assert tuning.auto_order("cpu", kind="cpu", dense_macs=1, table=table) == tuning.CPU_SMALL_ORDER
+  assert kernels.impl_order("auto", backend="gpu", kind="NVIDIA H200") == ("tokamax", "pallas", "ragged_dot", "jax")
+  assert kernels.impl_order("auto") == kernels.AUTO_ORDERS["cpu"]  # this machine's device kind is "cpu"
+  assert kernels.device_kind() == jax.devices()[0].device_kind
+  with kernels.lowering_for("gpu"):
+    assert kernels.device_kind() == "gpu"  # no local device to ask when lowering for another platform
+
+
+def test_tokamax_unavailable_falls_back_with_a_warning():
+  """Here tokamax cannot run (not importable on jax 0.10, and CPU has no tokamax kernel): impl="tokamax"
+  names the reason; an order starting with it falls back to the next implementation, warning once."""
+  lhs, rhs = operands(24, 3, 8, 5)
+  sizes = [9, 0, 11]
+  gs = jnp.asarray(sizes, jnp.int32)
+  with pytest.raises(NotImplementedError, match="impl='tokamax' is unavailable.*tokamax"):
+    kernels.gmm(lhs, rhs, gs, impl="tokamax")
+  with pytest.raises(NotImplementedError, match="tokamax"):
+    kernels.tgmm(lhs, lhs, gs, impl="tokamax")
+  kernels._WARNED.clear()
+  with pytest.warns(RuntimeWarning, match="'tokamax' unavailable.*using 'jax'"):
+    out = kernels.dispatch("gmm", ("tokamax", "jax"), lhs, rhs, gs, None, None)
+  np.testing.assert_allclose(out, np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # the same reason is reported once per process, not per call site
+    kernels.dispatch("gmm", ("tokamax", "jax"), lhs, rhs, gs, None, None)
+  with kernels.lowering_for("gpu"):  # a GPU lowering from this host cannot use tokamax either
+    with pytest.raises(NotImplementedError, match="tokamax"):
+      kernels.gmm_tokamax(lhs, rhs, gs)
+
+
+def test_model_config_accepts_exactly_the_kernel_impls():
+  from phds_jax.models import config as config_lib
+  assert config_lib.GMM_IMPLS == kernels.IMPLS
+  for impl in kernels.IMPLS:
+    config_lib.tiny(gmm_impl=impl)
+  with pytest.raises(config_lib.ConfigError, match="gmm_impl"):
+    config_lib.tiny(gmm_impl="triton")

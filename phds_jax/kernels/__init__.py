@@ -4,21 +4,25 @@
 rhs[g]; rows past sum(group_sizes) come out zero. `tgmm(lhs[m,k], rhs[m,n], group_sizes[G]) -> [G,k,n]` is
 its weight-gradient twin. Implementations:
 
+  "tokamax"     tokamax.ragged_dot's Mosaic kernels (tokamax_gmm.py; GPU sm90 and TPU, needs Python >= 3.12
+                and jax >= 0.11, otherwise unavailable);
   "pallas"      Pallas kernels (pallas_gmm.py): Triton on GPU, Mosaic on TPU, the interpreter on CPU;
   "jax"         tiled pure-JAX grouped matmul, cost ∝ rows + groups × 16 (the CPU default);
   "ragged_dot"  `jax.lax.ragged_dot`: native on GPU/TPU, dense over all groups on CPU;
   "dense"       every row times every group, masked: O(G·m·k·n), a test reference.
 
-"auto" picks an order from the target platform at trace time (`jax.default_backend()`, or the one named by
-`lowering_for` for ahead-of-time lowering, see platform.py); an implementation that cannot handle a
-case raises NotImplementedError and the next one is tried, so later kernels plug in without touching callers.
-On CPU, tiny problems (G·m·k·n <= SMALL_PROBLEM_MACS) try "ragged_dot" first: there its dense expansion
-runs within ~0.3 ms of the tiled loops and compiles ~5x faster (~0.15 s vs ~0.8 s per call site), which
-is what the CPU test suite's small models pay for.
+"auto" picks an order at trace time from a small tuned table per device kind (tuning.py; the target platform
+is `jax.default_backend()`, or the one named by `lowering_for` for ahead-of-time lowering, see platform.py).
+An implementation that cannot handle a case raises NotImplementedError and the next one is tried (with a
+warning, once per reason), so later kernels plug in without touching callers. On CPU, tiny problems
+(G·m·k·n <= SMALL_PROBLEM_MACS) try "ragged_dot" first: there its dense expansion runs within ~0.3 ms of the
+tiled loops and compiles ~5x faster (~0.15 s vs ~0.8 s per call site), which is what the CPU test suite's
+small models pay for.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -29,29 +33,25 @@ from phds_jax.kernels.grouped_matmul import (gmm_dense, gmm_ragged_dot, gmm_tile
 from phds_jax.kernels.pallas_gmm import gmm_pallas, tgmm_pallas
 from phds_jax.kernels.pallas_permute import gather_rows_pallas, weighted_combine_pallas
 from phds_jax.kernels.platform import lowering_for, target_platform
+from phds_jax.kernels.tokamax_gmm import gmm_tokamax, tgmm_tokamax
+from phds_jax.kernels.tuning import AUTO_ORDERS, SMALL_PROBLEM_MACS, auto_order, device_kind
 
-IMPLS: tuple[str, ...] = ("auto", "pallas", "jax", "ragged_dot", "dense")
-AUTO_ORDER_CPU: tuple[str, ...] = ("jax", "ragged_dot")
-AUTO_ORDER_ACCELERATOR: tuple[str, ...] = ("pallas", "ragged_dot", "jax")
-AUTO_ORDER_CPU_SMALL: tuple[str, ...] = ("ragged_dot", "jax")
-SMALL_PROBLEM_MACS = 1 << 24
+IMPLS: tuple[str, ...] = ("auto", "tokamax", "pallas", "jax", "ragged_dot", "dense")
 
-__all__ = ["IMPLS", "PERMUTE_IMPLS", "dispatch", "lowering_for", "target_platform", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "impl_order", "tgmm",
-           "tgmm_dense", "tgmm_pallas", "tgmm_ragged_dot", "tgmm_tiled"]
+__all__ = ["AUTO_ORDERS", "IMPLS", "PERMUTE_IMPLS", "SMALL_PROBLEM_MACS", "auto_order", "device_kind", "dispatch", "lowering_for", "target_platform", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "gmm_tokamax", "impl_order",
+           "tgmm", "tgmm_dense", "tgmm_pallas", "tgmm_ragged_dot", "tgmm_tiled", "tgmm_tokamax"]
 
 
-def impl_order(impl: str = "auto", backend: str | None = None, dense_macs: int | None = None) -> tuple[str, ...]:
-  """Implementations to try, in order. For "auto": `backend` defaults to the target platform, and
-  `dense_macs` (G·m·k·n, the cost of expanding over all groups) picks the CPU order for tiny problems."""
+def impl_order(impl: str = "auto", backend: str | None = None, dense_macs: int | None = None,
+               kind: str | None = None) -> tuple[str, ...]:
+  """Implementations to try, in order. For "auto": the tuned table's row (tuning.auto_order) for device
+  `kind` on `backend` (defaults: the target platform and its device), and `dense_macs` (G·m·k·n, the cost of
+  expanding over all groups) picks the CPU order for tiny problems."""
   if impl not in IMPLS:
     raise ValueError(f"unknown grouped-matmul impl {impl!r}; valid: {', '.join(IMPLS)}")
   if impl != "auto":
     return (impl,)
-  backend = target_platform() if backend is None else backend
-  if backend != "cpu":
-    return AUTO_ORDER_ACCELERATOR
-  small = dense_macs is not None and dense_macs <= SMALL_PROBLEM_MACS
-  return AUTO_ORDER_CPU_SMALL if small else AUTO_ORDER_CPU
+  return auto_order(backend, kind=kind, dense_macs=dense_macs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,12 +65,14 @@ def _pallas(fn: Callable) -> Callable:
 
 
 _GMM: dict[str, Callable] = {
+    "tokamax": lambda x, w, gs, tm, pet: gmm_tokamax(x, w, gs, preferred_element_type=pet),
     "pallas": _pallas(gmm_pallas),
     "jax": lambda x, w, gs, tm, pet: gmm_tiled(x, w, gs, tile_m=tm, preferred_element_type=pet),
     "ragged_dot": lambda x, w, gs, tm, pet: gmm_ragged_dot(x, w, gs, preferred_element_type=pet),
     "dense": lambda x, w, gs, tm, pet: gmm_dense(x, w, gs, preferred_element_type=pet),
 }
 _TGMM: dict[str, Callable] = {
+    "tokamax": lambda x, d, gs, tm, pet: tgmm_tokamax(x, d, gs, preferred_element_type=pet),
     "pallas": _pallas(tgmm_pallas),
     "jax": lambda x, d, gs, tm, pet: tgmm_tiled(x, d, gs, tile_m=tm, preferred_element_type=pet),
     "ragged_dot": lambda x, d, gs, tm, pet: tgmm_ragged_dot(x, d, gs, preferred_element_type=pet),
@@ -79,20 +81,38 @@ _TGMM: dict[str, Callable] = {
 _OPS = {"gmm": _GMM, "tgmm": _TGMM}
 
 
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _warn_fallback(op: str, name: str, reason: str, used: str) -> None:
+  """Once per (op, impl, reason) per process: a missing kernel is worth knowing about, not per call site."""
+  if (op, name, reason) not in _WARNED:
+    _WARNED.add((op, name, reason))
+    warnings.warn(f"{op}: implementation {name!r} unavailable ({reason[:300]}); using {used!r}", RuntimeWarning,
+                  stacklevel=3)
+
+
 def dispatch(op: str, order: Sequence[str], *args) -> jax.Array:
-  """Run `op` ("gmm" or "tgmm") with the first implementation in `order` that doesn't raise NotImplementedError."""
+  """Run `op` ("gmm" or "tgmm") with the first implementation in `order` that doesn't raise NotImplementedError;
+  each one skipped before it is reported by a RuntimeWarning."""
   table = _OPS[op]
-  skipped = []
+  skipped: list[tuple[str, str]] = []
   for name in order:
     if name not in table:
       raise ValueError(f"unknown {op} impl {name!r}; valid: {', '.join(IMPLS)}")
     try:
-      return table[name](*args)
+      out = table[name](*args)
     except NotImplementedError as e:
-      skipped.append(f"{name!r}: {e}")
+      skipped.append((name, str(e)))
+      continue
+    for skipped_name, reason in skipped:
+      _warn_fallback(op, skipped_name, reason, name)
+    return out
   if len(order) == 1:
-    raise NotImplementedError(f"{op} impl={order[0]!r} is unavailable ({skipped[0]}); use impl='auto' to fall back")
-  raise NotImplementedError(f"no {op} implementation in {tuple(order)} handles this case: {'; '.join(skipped)}")
+    raise NotImplementedError(f"{op} impl={order[0]!r} is unavailable ({skipped[0][0]!r}: {skipped[0][1]}); "
+                              f"use impl='auto' to fall back")
+  reasons = "; ".join(f"{name!r}: {reason}" for name, reason in skipped)
+  raise NotImplementedError(f"no {op} implementation in {tuple(order)} handles this case: {reasons}")
 
 
 # ----------------------------------------------------------------------------------------------------------

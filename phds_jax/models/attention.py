@@ -1,13 +1,25 @@
-"""Causal self-attention with RoPE, GQA, optional QK-norm and a KV cache (Hugging Face conventions)."""
+"""Causal self-attention with RoPE, GQA, optional QK-norm and a KV cache (Hugging Face conventions).
+
+Two implementations of the attention core (`ModelConfig.attention_impl`, resolved by `attention_impl_for`):
+"xla", the einsum code below with an explicit [B, T, S] mask (the reference, and the CPU default), and
+"cudnn", `jax.nn.dot_product_attention` with implementation="cudnn" on GPU (cuDNN flash attention; the
+mask rides along as a bias, `is_causal` lets it skip upper-triangle tiles) and XLA's own path elsewhere, so
+the wiring is tested on CPU against the reference. "auto" takes cuDNN only where it pays and is known to
+compile: a GPU, bf16/fp16, more than one query token, and a one-off compile on the device per signature
+(a rejected kernel falls back to "xla" with a warning instead of failing inside the caller's jit).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from phds_jax.kernels.platform import target_platform
 from phds_jax.models.config import ModelConfig
 from phds_jax.models.layers import Linear, RMSNorm
 
@@ -87,6 +99,66 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   return out.reshape(b, t, h * d)
 
 
+def fused_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array, *,
+                    causal: bool, implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` (GQA native) -> [B, T, H*D]. `causal`: queries and keys are the same
+  positions (no cache), so the mask is also lower-triangular and cuDNN may skip the tiles above it."""
+  b, t, h, d = q_BxTxHxD.shape
+  out = jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxTxS[:, None],
+                                     is_causal=causal and t == k_BxSxKxD.shape[1], implementation=implementation)
+  return out.reshape(b, t, h * d)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CudnnProbe:
+  """The cuDNN call for one signature (forward and backward), hashable for the per-signature compile cache."""
+
+  causal: bool
+
+  def __call__(self, q, k, v, mask):
+    def f(q, k, v):
+      return fused_attention(q, k, v, mask, causal=self.causal, implementation="cudnn")
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(out)
+
+
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+_WARNED: set[str] = set()
+
+
+def attention_impl_for(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                       causal: bool) -> str:
+  """'xla' | 'cudnn' for this call. An explicit choice is kept; 'auto' picks cuDNN on a GPU for bf16/fp16
+  prefill/training shapes (T > 1) once it compiles there, and the reference einsum everywhere else."""
+  if impl != "auto":
+    return impl
+  if target_platform() != "gpu" or jax.default_backend() != "gpu":  # no cuDNN to ask when lowering elsewhere
+    return "xla"
+  if q.dtype not in _FUSED_DTYPES or q.shape[1] == 1:
+    return "xla"
+  from phds_jax.kernels.pallas_gmm import compiles_on_device  # one compile per signature, cached
+
+  error = compiles_on_device(_CudnnProbe(causal), *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)])
+  if error is None:
+    return "cudnn"
+  if error not in _WARNED:
+    _WARNED.add(error)
+    warnings.warn(f"cuDNN attention does not compile here; using the XLA einsum path: {error[:300]}", RuntimeWarning)
+  return "xla"
+
+
+def attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array, *,
+           impl: str = "xla", causal: bool = False) -> jax.Array:
+  """The attention core by implementation (see the module docstring) -> [B, T, H*D]."""
+  impl = attention_impl_for(impl, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, causal=causal)
+  if impl == "xla":
+    return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS)
+  if impl != "cudnn":
+    raise ValueError(f"unknown attention impl {impl!r}; valid: auto, xla, cudnn")
+  implementation = "cudnn" if target_platform() == "gpu" else "xla"
+  return fused_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, causal=causal, implementation=implementation)
+
+
 class Attention(nn.Module):
   """Multi-head attention block; `cache` is (k, v, mask over cache slots, write index) when decoding."""
 
@@ -118,6 +190,7 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
       new_cache = (k, v)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS, impl=cfg.attention_impl,
+                 causal=cache is None)
     out = Linear(cfg.hidden_size, cfg, use_bias=cfg.o_bias, name="o_proj")(out)
     return out, new_cache

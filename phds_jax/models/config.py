@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 ModelType = Literal["olmoe", "qwen2_moe", "qwen3_moe"]
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("olmoe", "qwen2_moe", "qwen3_moe")
-GMM_IMPLS: tuple[str, ...] = ("auto", "pallas", "jax", "ragged_dot", "dense")
+GMM_IMPLS: tuple[str, ...] = ("auto", "tokamax", "pallas", "jax", "ragged_dot", "dense")  # = kernels.IMPLS
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")  # see models.attention.attention_impl_for
 ROUTING_IMPLS: tuple[str, ...] = ("jax", "pallas")  # see models.router and kernels.pallas_permute
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -73,6 +74,9 @@ class ModelConfig:
   gmm_impl: str = "auto"  # grouped-matmul implementation, see phds_jax.kernels.gmm
   # 'jax' | 'pallas': the routing kernels (fused top-k selection, token permutation, weighted combine).
   routing_impl: str = "jax"
+  # 'xla': einsum attention with an explicit mask (the reference); 'cudnn': jax.nn.dot_product_attention's
+  # fused cuDNN kernel on GPU (XLA's fused path elsewhere); 'auto': cudnn for bf16/fp16 on GPU, else xla.
+  attention_impl: str = "auto"
   moe_impl: Literal["sparse", "dense"] = "sparse"  # 'dense' = masked reference (tests only)
   # Fields of the source config.json we do not model (token ids, architectures, ...), kept as JSON so that
   # `hf.save` writes them back; a string keeps the dataclass hashable.
@@ -121,6 +125,8 @@ def validate(cfg: ModelConfig) -> None:
        f"dtype/param_dtype must be in {_DTYPES}, got {cfg.dtype}/{cfg.param_dtype}")
   need(cfg.gmm_impl in GMM_IMPLS, f"gmm_impl {cfg.gmm_impl!r} is not one of {GMM_IMPLS}")
   need(cfg.routing_impl in ROUTING_IMPLS, f"routing_impl {cfg.routing_impl!r} is not one of {ROUTING_IMPLS}")
+  need(cfg.attention_impl in ATTENTION_IMPLS,
+       f"attention_impl {cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
   need(cfg.moe_impl in ("sparse", "dense"), f"moe_impl {cfg.moe_impl!r}")
 
 
