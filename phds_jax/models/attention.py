@@ -35,16 +35,26 @@ class KVCache(NamedTuple):
   v: tuple[jax.Array, ...]  # per layer [B, L, KV, hd]
   key_mask: jax.Array  # [B, L] bool, slot holds a real token
   next_pos: jax.Array  # [B] int32, RoPE position of the next real token
-  index: jax.Array  # scalar int32, next slot to write
+  # Next slot to write: a scalar int32 (every row writes the same columns, batch generation), or [B] int32
+  # (each row its own column: continuous batching, where rows join and leave between steps).
+  index: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache for `max_len` slots (prompt + generated tokens)."""
   dtype = dtype or cfg.compute_dtype
   shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-  return KVCache(k=zeros, v=zeros, key_mask=jnp.zeros((batch_size, max_len), bool),
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # k, v: distinct buffers
+  return KVCache(k=zeros(), v=zeros(), key_mask=jnp.zeros((batch_size, max_len), bool),
                  next_pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def write_cache(cache_BxLxKxD: jax.Array, new_BxTxKxD: jax.Array, index: jax.Array) -> jax.Array:
+  """Writes T new rows per sequence at cache slot `index` (scalar: same slot for all rows; [B]: per row)."""
+  new_BxTxKxD = new_BxTxKxD.astype(cache_BxLxKxD.dtype)
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(cache_BxLxKxD, new_BxTxKxD, (0, index, 0, 0))
+  return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache_BxLxKxD, new_BxTxKxD, index)
 
 
 def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
@@ -187,8 +197,7 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       cache_k, cache_v, index = cache
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+      k, v = write_cache(cache_k, k, index), write_cache(cache_v, v, index)
       new_cache = (k, v)
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS, impl=cfg.attention_impl,
                  causal=cache is None)

@@ -78,6 +78,9 @@ class ModelConfig:
   # fused cuDNN kernel on GPU (XLA's fused path elsewhere); 'auto': cudnn for bf16/fp16 on GPU, else xla.
   attention_impl: str = "auto"
   moe_impl: Literal["sparse", "dense"] = "sparse"  # 'dense' = masked reference (tests only)
+  # Few-token MoE steps (decoding): 'gather' applies the chosen experts' weights directly when
+  # tokens × slots <= num_experts (models.experts.routed_experts_gathered); 'grouped' always sorts + gmm.
+  decode_moe: Literal["gather", "grouped"] = "gather"
   # Fields of the source config.json we do not model (token ids, architectures, ...), kept as JSON so that
   # `hf.save` writes them back; a string keeps the dataclass hashable.
   hf_extra_json: str = "{}"
@@ -128,6 +131,7 @@ def validate(cfg: ModelConfig) -> None:
   need(cfg.attention_impl in ATTENTION_IMPLS,
        f"attention_impl {cfg.attention_impl!r} is not one of {ATTENTION_IMPLS}")
   need(cfg.moe_impl in ("sparse", "dense"), f"moe_impl {cfg.moe_impl!r}")
+  need(cfg.decode_moe in ("gather", "grouped"), f"decode_moe {cfg.decode_moe!r} is not 'gather' or 'grouped'")
 
 
 def tiny(model_type: str = "olmoe", **overrides) -> ModelConfig:

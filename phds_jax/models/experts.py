@@ -100,6 +100,27 @@ def routed_experts(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Ar
   return combine(ys_NxD, order_N, inverse_N, weights_TxS, x_TxD.dtype, permute_impl)
 
 
+def routed_experts_gathered(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Array,
+                            wi_ExDx2F: jax.Array, wo_ExFxD: jax.Array) -> jax.Array:
+  """Few-token path (decoding): gathers each slot's expert weights and applies them directly.
+
+  With T·S <= E it reads at most as many expert weights as the grouped path would, and needs no sort, no
+  group sizes, no permutation and no un-permutation: a decode step is one gather and three contractions per
+  layer instead of a dozen small kernels. Cost ∝ T·S expert matrices, so it only pays for small T·S.
+  """
+  wi_TxSxDx2F = wi_ExDx2F[experts_TxS]
+  wo_TxSxFxD = wo_ExFxD[experts_TxS]
+  h_TxSx2F = jnp.einsum("td,tsdf->tsf", x_TxD, wi_TxSxDx2F, preferred_element_type=jnp.float32)
+  y_TxSxD = jnp.einsum("tsf,tsfd->tsd", swiglu(h_TxSx2F).astype(x_TxD.dtype), wo_TxSxFxD,
+                       preferred_element_type=jnp.float32)
+  return jnp.einsum("tsd,ts->td", y_TxSxD, weights_TxS.astype(jnp.float32)).astype(x_TxD.dtype)
+
+
+def use_gathered(num_tokens: int, num_slots: int, num_experts: int, decode_moe: str) -> bool:
+  """Static choice of the few-token path: only when it reads no more weights than all experts hold."""
+  return decode_moe == "gather" and num_tokens * num_slots <= num_experts
+
+
 def routed_experts_dense(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Array,
                          wi_ExDx2F: jax.Array, wo_ExFxD: jax.Array) -> jax.Array:
   """Reference: all experts on all tokens, combined with the routing's [T, E] weights (zero elsewhere)."""

@@ -36,6 +36,8 @@ class MoeBlock(nn.Module):
     mesh = expert_parallel.active_mesh()
     if cfg.moe_impl == "dense":
       y_TxD = experts_lib.routed_experts_dense(*args)
+    elif mesh is None and experts_lib.use_gathered(b * t, routing.experts_TxS.shape[1], e, cfg.decode_moe):
+      y_TxD = experts_lib.routed_experts_gathered(*args)
     elif mesh is not None:
       y_TxD = expert_parallel.routed_experts_sharded(*args, impl=cfg.gmm_impl, mesh=mesh,
                                                      permute_impl=cfg.routing_impl)

@@ -81,10 +81,7 @@ class Transformer(nn.Module):
       valid = attention_mask.astype(jnp.int32)
       if positions is None:
         positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-      key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid.astype(bool), (0, cache.index))
-      slots = jnp.arange(key_mask.shape[1])
-      causal_TxL = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]
-      mask = key_mask[:, None, :] & causal_TxL[None]
+      key_mask, mask = cached_attention_mask(cache.key_mask, valid, cache.index)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, embedding_init=kernel_init, name="embed")
@@ -113,6 +110,18 @@ class Transformer(nn.Module):
         k=tuple(new_k), v=tuple(new_v), key_mask=key_mask,
         next_pos=cache.next_pos + jnp.sum(valid, axis=1).astype(jnp.int32), index=cache.index + t)
     return logits, aux, new_cache
+
+
+def cached_attention_mask(key_mask_BxL: jax.Array, valid_BxT: jax.Array, index: jax.Array):
+  """(updated key mask [B, L], attention mask [B, T, L]) for T new tokens written at slot `index`
+  (scalar or per row [B]): a query sees real keys up to and including its own slot."""
+  t = valid_BxT.shape[1]
+  index_B = jnp.broadcast_to(index, key_mask_BxL.shape[:1])
+  key_mask_BxL = jax.vmap(lambda m, v, i: jax.lax.dynamic_update_slice(m, v, (i,)))(
+      key_mask_BxL, valid_BxT.astype(bool), index_B)
+  slots_L = jnp.arange(key_mask_BxL.shape[1])
+  causal_BxTxL = slots_L[None, None, :] <= (index_B[:, None] + jnp.arange(t))[:, :, None]
+  return key_mask_BxL, key_mask_BxL[:, None, :] & causal_BxTxL
 
 
 def aux_from_routings(routings: list[router_lib.Routing], num_experts: int) -> Aux:

@@ -1,0 +1,206 @@
+"""Generation at a static top-k: the compiled pieces that batch generation and the server share.
+
+* `generate`: a batch of prompts (left-padded into power-of-two buckets), prefill, then the whole decode loop
+  as one `lax.while_loop` on the device: one jitted call per (k, batch bucket, prompt bucket, new-token
+  bucket), never one Python dispatch per token.
+* `prefill_chunk_fn` / `insert_fn` / `decode_step_fn`: the pieces of continuous batching (scheduler.py). A
+  prompt is prefilled into a one-row cache in fixed-size chunks (one compilation per k, whatever the prompt
+  length), inserted into its slot of the shared cache, and every step decodes one token for each active slot
+  of one k group (per-row cache positions, so rows join and leave independently).
+* `time_decode`: per-token latency of exactly the step the server runs (profile.py, benchmarks/decode.py).
+
+Few-token MoE steps take the gathered-weights path (models.experts.routed_experts_gathered), so a batch-1
+decode step has no sort, grouped matmul or un-permute.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from phds_jax import models
+from phds_jax.models.attention import KVCache
+from phds_jax.models.config import ModelConfig
+from phds_jax.serve.sampling import RowSampling, SamplingParams, sample
+
+Ids = list[int]
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """Next power of two >= max(n, minimum): the padded sizes that bound the number of compilations."""
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+# --------------------------------------------------------------------------------------- batch generation
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_fn(cfg: ModelConfig) -> Callable:
+  model = models.build(cfg)
+
+  def run(params, tokens_BxP, mask_BxP, max_new_B, eos_E, samp, *, k: int, new_cap: int):
+    b, p = tokens_BxP.shape
+    cache = models.init_cache(cfg, b, p + new_cap)
+    logits, _, cache = model.apply({"params": params}, tokens_BxP, k=k, attention_mask=mask_BxP, cache=cache)
+    first_B = sample(logits[:, -1], jnp.zeros((b,), jnp.int32), *samp)
+    out_BxN = jnp.full((b, new_cap), -1, jnp.int32)
+
+    def forward(state):
+      i, tok_B, cache = state
+      logits, _, cache = model.apply({"params": params}, tok_B[:, None], k=k, cache=cache)
+      return sample(logits[:, -1], jnp.full((b,), i + 1, jnp.int32), *samp), cache
+
+    def body(state):
+      i, tok_B, cache, out_BxN, done_B = state
+      done_B = done_B | jnp.isin(tok_B, eos_E)
+      out_BxN = out_BxN.at[:, i].set(jnp.where(done_B, -1, tok_B))
+      done_B = done_B | (i + 1 >= max_new_B)
+      finished = jnp.all(done_B) | (i + 1 >= new_cap)
+      tok_B, cache = jax.lax.cond(finished, lambda s: (s[1], s[2]), forward, (i, tok_B, cache))
+      return i + 1, tok_B, cache, out_BxN, done_B
+
+    def cond(state):
+      i, _, _, _, done_B = state
+      return (i < new_cap) & ~jnp.all(done_B)
+
+    init = (jnp.int32(0), first_B, cache, out_BxN, jnp.zeros((b,), bool))
+    return jax.lax.while_loop(cond, body, init)[3]
+
+  return jax.jit(run, static_argnames=("k", "new_cap"))
+
+
+def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *, k: int,
+             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+             eos_ids: Sequence[int] = (), max_len: int | None = None) -> list[Ids]:
+  """New token ids for each prompt at top-k `k` (EOS excluded), one compiled on-device loop per bucket.
+
+  `sampling` is one SamplingParams for all prompts or one per prompt. A prompt plus its max_new_tokens must
+  fit `max_len` (default the model's max_position_embeddings); nothing is silently truncated.
+  """
+  models.check_k(k, cfg.num_experts, cfg.k_pre)
+  if not prompts:
+    return []
+  per_row = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+  if len(per_row) != len(prompts):
+    raise ValueError(f"{len(per_row)} SamplingParams for {len(prompts)} prompts")
+  for p in per_row:
+    p.validate()
+  max_len = max_len or cfg.max_position_embeddings
+  for i, (prompt, p) in enumerate(zip(prompts, per_row)):
+    if not prompt:
+      raise ValueError(f"prompt {i} is empty")
+    if len(prompt) + p.max_new_tokens > max_len:
+      raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed max_len "
+                       f"{max_len}")
+  b = bucket(len(prompts))
+  p_len = bucket(max(len(p) for p in prompts), 8)
+  new_cap = bucket(max(p.max_new_tokens for p in per_row), 8)
+  rows = list(range(len(prompts))) + [0] * (b - len(prompts))  # filler rows repeat prompt 0, then dropped
+  tokens = np.zeros((b, p_len), np.int32)
+  mask = np.zeros_like(tokens)
+  for r, i in enumerate(rows):
+    tokens[r, p_len - len(prompts[i]):] = prompts[i]
+    mask[r, p_len - len(prompts[i]):] = 1
+  samp = RowSampling.of([per_row[i] for i in rows]).tree()
+  max_new = np.array([per_row[i].max_new_tokens for i in rows], np.int32)
+  eos = np.array(sorted(set(eos_ids)) or [-1], np.int32)
+  out = np.asarray(_generate_fn(cfg)(params, tokens, mask, max_new, eos, samp, k=k, new_cap=new_cap))
+  return [[int(t) for t in out[r] if t >= 0] for r in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------- continuous batching pieces
+
+
+def init_slots(cfg: ModelConfig, max_batch: int, cache_len: int) -> KVCache:
+  """The shared cache of `max_batch` sequence slots, each with its own write position."""
+  cache = models.init_cache(cfg, max_batch, cache_len)
+  return cache._replace(index=jnp.zeros((max_batch,), jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def prefill_chunk_fn(cfg: ModelConfig) -> Callable:
+  """`(params, row_cache, tokens_1xC, mask_1xC, *, k) -> (last logits [1, V], row_cache)`: one chunk of one
+  prompt into a one-row cache (scalar write position)."""
+  model = models.build(cfg)
+
+  def run(params, row_cache, tokens_1xC, mask_1xC, *, k):
+    logits, _, row_cache = model.apply({"params": params}, tokens_1xC, k=k, attention_mask=mask_1xC,
+                                       cache=row_cache)
+    return logits[:, -1], row_cache
+
+  return jax.jit(run, static_argnames=("k",), donate_argnames=("row_cache",))
+
+
+@functools.lru_cache(maxsize=None)
+def first_token_fn() -> Callable:
+  """Samples a request's first token from its prefill logits (step 0 of its random stream)."""
+  return jax.jit(lambda logits_1xV, samp: sample(logits_1xV, jnp.zeros((1,), jnp.int32), *samp))
+
+
+@functools.lru_cache(maxsize=None)
+def insert_fn() -> Callable:
+  """`(cache, row_cache, slot) -> cache`: copies a prefilled one-row cache into slot `slot` (in place)."""
+
+  def run(cache: KVCache, row: KVCache, slot):
+    put = lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, axis=0)
+    return KVCache(k=tuple(put(a, r) for a, r in zip(cache.k, row.k)),
+                   v=tuple(put(a, r) for a, r in zip(cache.v, row.v)),
+                   key_mask=put(cache.key_mask, row.key_mask), next_pos=put(cache.next_pos, row.next_pos),
+                   index=put(cache.index, row.index[None]))
+
+  return jax.jit(run, donate_argnames=("cache",))
+
+
+@functools.lru_cache(maxsize=None)
+def decode_step_fn(cfg: ModelConfig) -> Callable:
+  """`(params, cache, tokens_B, active_B, step_B, samp, *, k) -> (next tokens [B], cache)`.
+
+  Rows with active=False (free slots, or another k group's rows) neither see nor leave anything: their
+  token is masked out of attention and the MoE statistics, and their write position does not move.
+  """
+  model = models.build(cfg)
+
+  def run(params, cache, tokens_B, active_B, step_B, samp, *, k):
+    valid_Bx1 = active_B[:, None].astype(jnp.int32)
+    logits, _, new_cache = model.apply({"params": params}, tokens_B[:, None], k=k, attention_mask=valid_Bx1,
+                                       cache=cache)
+    new_cache = new_cache._replace(index=jnp.where(active_B, new_cache.index, cache.index))
+    return sample(logits[:, -1], step_B, *samp), new_cache
+
+  return jax.jit(run, static_argnames=("k",), donate_argnames=("cache",))
+
+
+def time_decode(cfg: ModelConfig, params: Any, *, k: int, batch_size: int, context_len: int,
+                new_tokens: int = 32, repeats: int = 3) -> np.ndarray:
+  """Milliseconds per decode step (one token for each of `batch_size` rows), `repeats × new_tokens` samples.
+
+  Times the server's own step (decode_step_fn, greedy) on a cache holding `context_len` real tokens per row,
+  each step waited for, so the numbers include dispatch: what a client of the server sees per token.
+  """
+  models.check_k(k, cfg.num_experts, cfg.k_pre)
+  cache_len = context_len + new_tokens * repeats + 1
+  cache = init_slots(cfg, batch_size, cache_len)
+  row = models.init_cache(cfg, 1, cache_len)
+  tokens = np.ones((1, context_len), np.int32)
+  _, row = prefill_chunk_fn(cfg)(params, row, tokens, np.ones_like(tokens), k=k)
+  for slot in range(batch_size):
+    cache = insert_fn()(cache, row, slot)
+  step = decode_step_fn(cfg)
+  tok = np.ones((batch_size,), np.int32)
+  active = np.ones((batch_size,), bool)
+  samp = RowSampling.of([SamplingParams()] * batch_size).tree()
+  tok, cache = step(params, cache, tok, active, np.zeros(batch_size, np.int32), samp, k=k)  # compile
+  jax.block_until_ready(tok)
+  times = []
+  for i in range(repeats * new_tokens):
+    start = time.perf_counter()
+    tok, cache = step(params, cache, tok, active, np.full(batch_size, i, np.int32), samp, k=k)
+    jax.block_until_ready(tok)
+    times.append((time.perf_counter() - start) * 1e3)
+  return np.asarray(times)
