@@ -10,6 +10,7 @@ Re-running with the same --workdir resumes from its latest complete checkpoint.
 
 import logging as py_logging
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -22,6 +23,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots); default runs/<name>-<time>.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, multi-node GPU).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config and print the plan (mesh, per-device memory, "
+                             "tokens per step, checkpoints) without loading weights; exit 3 if it does not fit.")
+_PLAN_DEVICES = flags.DEFINE_integer("plan_devices", 0, "--dry_run: plan for this many devices (0 = this host's).")
+_PLAN_HOSTS = flags.DEFINE_integer("plan_hosts", 1, "--dry_run: number of hosts (processes) the run will use.")
+_PLAN_MEMORY = flags.DEFINE_float("plan_device_memory_gb", 0.0, "--dry_run: memory per device in GiB (0 = ask it).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -48,6 +54,12 @@ def per_k_table(result) -> str:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
+  if _DRY_RUN.value:
+    from phds_jax.training import plan  # pylint: disable=g-import-not-at-top
+    config = _CONFIG.value
+    sys.exit(plan.dry_run(config, _WORKDIR.value or os.path.join("runs", f"{config.name}-<time>"),
+                          num_devices=_PLAN_DEVICES.value, num_hosts=_PLAN_HOSTS.value,
+                          device_memory_gb=_PLAN_MEMORY.value))
   if _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs/TPUs use their own
     jax.distributed.initialize()
