@@ -23,12 +23,16 @@ INSTALL_REQUIRES = [
     "pyarrow>=15",  # parquet sources
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "importlib_resources>=6",  # tensorflow-datasets needs it to prepare datasets but does not declare it
+    "fastapi>=0.165",  # python -m phds_jax.serve: the OpenAI-compatible HTTP server
+    "uvicorn>=0.54",
+    "pydantic>=2.14",  # the server's request models
 ]
 
 EXTRAS_REQUIRE = {
     # transformers + CPU torch are only the independent reference of the tests; the library never imports them.
     # torch is pinned: pip takes the CPU wheel; a looser range pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+    "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6",
+             "openai>=3.57", "httpx>=0.28"],  # the server's tests and benchmarks/serve_load are its clients
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }

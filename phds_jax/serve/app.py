@@ -16,6 +16,7 @@ cancelled in the scheduler, which frees its slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -168,8 +169,10 @@ class _Choice:
 class _Run:
   """The scheduler requests of one HTTP call (one per prompt) and their events, on the event loop."""
 
-  def __init__(self, scheduler: Any, prompts: list[list[int]], stop: Sequence[str], tokenizer: tokenizers.Tokenizer):
+  def __init__(self, scheduler: Any, prompts: list[list[int]], stop: Sequence[str], tokenizer: tokenizers.Tokenizer,
+               finished: collections.Counter):
     self.scheduler = scheduler
+    self._finished = finished
     self.choices = [_Choice(i, ids, TextStream(tokenizer, stop)) for i, ids in enumerate(prompts)]
     self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -180,6 +183,8 @@ class _Run:
       def listener(event: Event, i: int = choice.index) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
           loop.call_soon_threadsafe(self._events.put_nowait, (i, event))
+          if event.finish_reason is not None:  # counted even when nobody reads this request's events any more
+            loop.call_soon_threadsafe(self._finished.update, [event.finish_reason])
       try:
         choice.handle = self.scheduler.submit(choice.prompt_ids, k=k, sampling=sampling, listener=listener)
       except Exception as e:
@@ -257,6 +262,9 @@ class _Served:
   vocab_size: int
   max_len: int
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  # How the scheduler ended requests ("stop", "length", "cancelled", "error"), and streams whose client left.
+  finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  disconnects: int = 0
 
 
 def create_app(scheduler: Any, tokenizer: ChatTokenizer, *, model_name: str, k_pre: int,
@@ -288,7 +296,7 @@ def create_app(scheduler: Any, tokenizer: ChatTokenizer, *, model_name: str, k_p
   @app.get("/health")
   async def health() -> dict[str, Any]:
     return {"status": "ok", "model": model_name, "ks": list(ks), "running": scheduler.num_active,
-            "queued": scheduler.num_queued}
+            "queued": scheduler.num_queued, "finished": dict(served.finished), "disconnects": served.disconnects}
 
   @app.get("/v1/models")
   async def models() -> dict[str, Any]:
@@ -400,7 +408,7 @@ async def _respond(served: _Served, body: SamplingFields, request: Request, prom
     field = str(e).split(" ", 1)[0]
     raise invalid(_FIELD_NAMES.get(field, field), str(e)) from e
   stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-  run = _Run(served.scheduler, prompts, stop, served.tokenizer.tokenizer)
+  run = _Run(served.scheduler, prompts, stop, served.tokenizer.tokenizer, served.finished)
   run.submit(k, sampling, prompt_field)
   meta = {"id": f"{'chatcmpl' if chat_mode else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
           "model": served.model_name}
@@ -410,13 +418,15 @@ async def _respond(served: _Served, body: SamplingFields, request: Request, prom
            len(prompts), sum(map(len, prompts)), max_tokens, body.stream)
   if body.stream:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_stream(run, meta, extra, chat_mode, include_usage), media_type="text/event-stream",
+    return StreamingResponse(_stream(served, run, meta, extra, chat_mode, include_usage),
+                             media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache"})
   try:
     async for _ in run.deltas(request):
       pass
   except _Disconnected:
     log.info("%s: client disconnected; cancelled", meta["id"])
+    served.disconnects += 1
     run.cancel()
     raise APIError(499, "client disconnected", None, "client_error") from None
   finally:
@@ -441,7 +451,7 @@ async def _respond(served: _Served, body: SamplingFields, request: Request, prom
   return JSONResponse(content, headers=headers)
 
 
-async def _stream(run: _Run, meta: dict[str, Any], extra: dict[str, Any], chat_mode: bool,
+async def _stream(served: _Served, run: _Run, meta: dict[str, Any], extra: dict[str, Any], chat_mode: bool,
                   include_usage: bool) -> AsyncIterator[str]:
   """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. If the client goes away,
   Starlette cancels this generator and `finally` frees the requests' slots."""
@@ -476,6 +486,7 @@ async def _stream(run: _Run, meta: dict[str, Any], extra: dict[str, Any], chat_m
   finally:
     if not run.finished:
       log.info("%s: stream closed early (client disconnected?); cancelling", meta["id"])
+      served.disconnects += 1
     run.cancel()
 
 
