@@ -58,6 +58,7 @@ class RunLog:
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
                          desc="train", unit="step")
     self.last_time = time.perf_counter()
+    self.last_val: tuple[int, float] | None = None  # (step, mean held-out loss over k): shown until the next eval
 
   def step(self, record: dict[str, Any], ks: list[int], nll_M: np.ndarray, tokens_M: np.ndarray,
            tokens_per_step: float, flops_per_token: float, peak: float) -> None:
@@ -74,7 +75,12 @@ class RunLog:
       record["mfu"] = tok_s * flops_per_token / (peak * 1e12 * jax.device_count())
     self.write(record)
     running = " ".join(f"k{k}:{np.mean(v):.3f}" for k, v in sorted(self.loss_by_k.items()))
-    postfix = f"k={record['k']} loss={record['loss']:.4f} [{running}] {tok_s:,.0f} tok/s"
+    if "val_loss" in record:
+      self.last_val = (record["step"], record["val_loss"])
+    postfix = f"k={record['k']} loss={record['loss']:.4f} [{running}]"
+    if self.last_val is not None:  # held-out, mean over the eval ks: the number that says if the run generalises
+      postfix += f" val@{self.last_val[0]}={self.last_val[1]:.3f}"
+    postfix += f" {tok_s:,.0f} tok/s"
     if "mfu" in record:
       postfix += f" mfu={100 * record['mfu']:.1f}%"
     self.bar.set_postfix_str(postfix, refresh=False)
@@ -138,7 +144,7 @@ def plot_run(workdir: str, k_hist: dict[int, int], eval_by_k: dict[int, float] |
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = sorted(eval_by_k)
     ax.plot(ks, [eval_by_k[k] for k in ks], "o-")
-    ax.set(xlabel="k (hard routing)", ylabel="held-out loss", title="Held-out loss vs k")
+    ax.set(xlabel="k (hard routing)", ylabel="held-out loss", title="Held-out loss vs k", xticks=ks)
     paths.append(_save(fig, workdir, "heldout_loss_vs_k.png"))
   return paths
 
