@@ -37,7 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
       path="", format="auto", max_len=2048, template="auto", validation_fraction=0.01, holdout_seed=0,
       on_error="raise", overlong="truncate", packing="first_fit", num_threads=2))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True))
+  # verify: read each new step back and match its manifest before older steps are deleted (training/checkpointing.py)
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True, verify=True))
+  # Fields that may differ from the checkpoint's config on resume (e.g. "optimizer.lr,data"; training/resume.py).
+  c.resume = ml_collections.ConfigDict(dict(allow_changes=()))
+  c.max_nonfinite_in_a_row = 1  # updates with a non-finite loss/gradient are skipped; stop after this many in a row
   c.eval = ml_collections.ConfigDict(dict(every_steps=200, batches=8, ks=()))  # ks () = 1..k_pre ∪ K_train
   c.final_eval = ml_collections.ConfigDict(dict(tasks=(), limit=0, batch_size=16))  # MC tasks per k at the end
   c.export = ml_collections.ConfigDict(dict(hf=True, orbax=True))

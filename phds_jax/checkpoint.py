@@ -11,13 +11,14 @@ import dataclasses
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from phds_jax import paths
 from phds_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,13 @@ def config_from_json(text: str) -> ModelConfig:
   return ModelConfig(**d)
 
 
-def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Any, *, overwrite: bool = False) -> Path:
-  """Saves `params` with Orbax and `cfg` as JSON beside it; blocks until the write is committed."""
-  root = Path(directory).absolute()
+def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Any, *,
+                overwrite: bool = False) -> epath.Path:
+  """Saves `params` with Orbax and `cfg` as JSON beside it; blocks until the write is committed.
+
+  `directory` may be a URL (gs://...): paths go through etils.epath, never through os.path.abspath.
+  """
+  root = paths.as_epath(directory)
   root.mkdir(parents=True, exist_ok=True)
   with contextlib.closing(ocp.StandardCheckpointer()) as ckptr:
     ckptr.save(root / PARAMS_DIR, params, force=overwrite)
@@ -55,7 +60,7 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Any, *, 
 
 def load_params(directory: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, Any]:
   """(cfg, params) from `save_params`; with `dtype`, Orbax casts while restoring (no second full copy)."""
-  root = Path(directory).absolute()
+  root = paths.as_epath(directory)
   if not (root / CONFIG_FILE).is_file():
     raise FileNotFoundError(f"{root / CONFIG_FILE} not found: not a phds_jax params checkpoint")
   cfg = config_from_json((root / CONFIG_FILE).read_text())

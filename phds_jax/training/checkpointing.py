@@ -1,56 +1,293 @@
-"""Orbax checkpoints of a training run: state, data-iterator position and run metadata in one step folder.
+"""Verified Orbax checkpoints of a training run: state, data-iterator position, metadata and a manifest.
 
 Orbax writes each step into a temporary folder and renames it only when complete, so a save interrupted
-midway (even by SIGKILL) is never listed, never restored from, and never replaces a finished one. The
-manager keeps the latest `keep` steps plus the best one by the held-out metric.
+midway (even by SIGKILL) is never listed. That guards against torn writes, not against what happens to the
+files later (truncation, flipped bits) or against saving garbage. So each step also holds a manifest: a CRC32,
+shape and dtype per array, computed from the in-memory state at save time (a state with a non-finite value
+is refused). Restoring recomputes the checksums of what was read: a step that fails to read or to match is
+reported (which step, why), moved to `<workdir>/checkpoints_bad/`, and the next older step is tried.
+
+Old steps are deleted by this class, not by Orbax, and only once a newer step is complete and (with
+`verify=True`) read back and matched against its manifest; the latest `keep` good steps and the best one by
+the held-out metric are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import time
+import zlib
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
+from etils import epath
+
+from phds_jax import cli, paths
+
+MANIFEST_VERSION = 1
+
+
+class ResumeError(cli.UserError):
+  """The checkpoint in the workdir cannot be resumed with this config (shapes, structure, settings)."""
+
+
+class CheckpointSaveError(cli.UserError):
+  """A save failed (disk full, permissions); older checkpoints are untouched."""
+
+
+class BadCheckpoint(Exception):
+  """A step whose files cannot be read or do not match its manifest."""
+
+
+def _key_name(k: Any) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _leaf_name(path: Any) -> str:
+  return "/".join(_key_name(k) for k in path)
+
+
+def _crc(array: np.ndarray) -> int:
+  return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _pieces(leaf: Any) -> list[tuple[str, np.ndarray]]:
+  """(suffix, host array) for a leaf: the whole array, or this process's shards when not fully addressable."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return [(f"@{s.index}", np.asarray(s.data)) for s in leaf.addressable_shards if s.replica_id == 0]
+  return [("", np.asarray(leaf))]
+
+
+def manifest_of(state: Any) -> dict[str, Any]:
+  """{'arrays': name -> {crc32, shape, dtype}} of every array in `state`; raises on a non-finite value."""
+  arrays, bad = {}, []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    name = _leaf_name(path)
+    for suffix, host in _pieces(leaf):
+      if np.issubdtype(host.dtype, np.inexact) and not np.isfinite(host.astype(np.float32)).all():
+        bad.append(name)
+      arrays[name + suffix] = {"crc32": _crc(host), "shape": list(host.shape), "dtype": str(host.dtype)}
+  if bad:
+    raise FloatingPointError(f"refusing to checkpoint a state with non-finite values in {bad[:5]}")
+  return {"version": MANIFEST_VERSION, "arrays": arrays}
+
+
+def compare_manifests(saved: dict[str, Any], restored: dict[str, Any]) -> str | None:
+  """None if they match, else the first difference in words (only names present in both are compared)."""
+  a, b = saved.get("arrays", {}), restored.get("arrays", {})
+  common = sorted(set(a) & set(b))
+  if not common:
+    return "no array of the manifest could be compared (different sharding?)" if a else None
+  for name in common:
+    for field in ("shape", "dtype", "crc32"):
+      if a[name][field] != b[name][field]:
+        return f"array {name}: {field} {b[name][field]} read back, {a[name][field]} written"
+  return None
+
+
+def _abstract(state: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                      state)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_leaf_name(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def shape_differences(saved: Any, target: Any, limit: int = 5) -> list[str]:
+  """Readable differences between the saved parameter shapes and the ones this config builds.
+
+  Only `params` is compared leaf by leaf (Orbax names optimizer-state nodes differently from the live tree);
+  the top-level fields must match (a state from another version of TrainState does not fit).
+  """
+  fields = sorted(saved) if isinstance(saved, dict) else []
+  want = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else fields
+  if fields != want:
+    return [f"state fields: checkpoint {fields}, this version {want}"]
+  a, b = _flat_shapes(saved["params"]), _flat_shapes(target.params)
+  out = [f"{n}: checkpoint {a[n]}, config {b[n]}" for n in sorted(set(a) & set(b)) if a[n] != b[n]]
+  out += [f"{n}: only in the checkpoint" for n in sorted(set(a) - set(b))]
+  out += [f"{n}: only in this config" for n in sorted(set(b) - set(a))]
+  return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
+class _QuietPartialRestore(logging.Filter):
+  """Orbax warns for every item a Composite restore leaves out (the read-back check leaves out `data`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietPartialRestore())
 
 
 class RunCheckpointer:
-  """Saves/restores (TrainState, data iterator state, metadata JSON) under `directory`."""
+  """Saves/restores (TrainState, data iterator state, metadata JSON, manifest) under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int = 2, best_metric: str | None = "val_loss",
-               async_save: bool = True):
-    preserve = [policies.LatestN(n=keep)]
-    if best_metric:
-      preserve.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1,
-                                     keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
-        preservation_policy=policies.AnyPreservationPolicy(preserve))
-    self.best_metric = best_metric
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "data", "meta"))
+  def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, verify: bool = True,
+               bad_dir: str | None = None):
+    self.directory = paths.normalize(directory)
+    self.bad_dir = bad_dir or self.directory + "_bad"
+    self.keep, self.verify = keep, verify
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=True)  # no max_to_keep: `_collect` deletes
+    self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
+                                         item_names=("state", "data", "meta", "manifest"))
+    self._pending: tuple[int, Any, int | None] | None = None  # (step, abstract state, best step) not yet checked
+    self.good: set[int] = set()  # steps restored or read back and matched this session
+    self.async_save = async_save
+
+  # ----- saving -----
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any, meta: dict, metrics: dict | None = None) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-                              meta=ocp.args.JsonSave(meta))
-    if metrics is not None and self.best_metric and self.best_metric not in metrics:
-      metrics = None
-    self.manager.save(step, args=args, metrics=metrics)
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def restore(self, step: int, target_state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restores into `target_state`'s structure and shardings; moves `data_iter` to the saved position."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target_state), data=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
-    logging.info("restored checkpoint step %d from %s", step, self.manager.directory)
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict, best_step: int | None = None) -> None:
+    """Starts saving `step` (async by default); the previous save is finished and checked first."""
+    self.finish()
+    manifest = manifest_of(state)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                              meta=ocp.args.JsonSave(meta), manifest=ocp.args.JsonSave(manifest))
+    try:
+      self.manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._pending = (step, _abstract(state), best_step)
+    if not self.async_save:
+      self.finish()
+
+  def _save_error(self, step: int, err: Exception) -> CheckpointSaveError:
+    good = sorted(self.good | set(self.all_steps()) - {step})
+    return CheckpointSaveError(
+        f"saving checkpoint step {step} in {self.directory} failed: {type(err).__name__}: {err}. "
+        f"Older checkpoints are untouched (newest: {good[-1] if good else 'none'})",
+        fix="free disk space / fix permissions, then re-run the same command to resume")
+
+  def finish(self) -> None:
+    """Waits for the pending save, reads it back (verify=True), then deletes steps no longer kept."""
+    if self._pending is None:
+      return
+    step, abstract, best = self._pending
+    self._pending = None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if self.verify:
+      try:
+        self._read_verified(step, abstract, data_iter=None)
+      except BadCheckpoint as e:
+        logging.error("checkpoint step %d failed its read-back check (%s); keeping the older steps", step, e)
+        self.quarantine(step, str(e))
+        return
+    self.good.add(step)
+    self._collect(newest_good=step, best_step=best)
+
+  def _collect(self, newest_good: int, best_step: int | None) -> None:
+    """Deletes steps older than `newest_good` beyond the latest `keep` good ones (the best step stays)."""
+    older = [s for s in self.all_steps() if s < newest_good]
+    keep = set(older[-(self.keep - 1):] if self.keep > 1 else []) | {newest_good}
+    if best_step is not None:
+      keep.add(best_step)
+    for s in older:
+      if s not in keep:
+        self.manager.delete(s)
+
+  # ----- restoring -----
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def read_meta(self, step: int) -> dict | None:
+    """The step's metadata JSON (config, histories), or None if unreadable; cheap (no arrays)."""
+    try:
+      return json.loads((self._step_dir(step) / "meta" / "metadata").read_text())
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def saved_shapes(self, step: int) -> Any:
+    """The saved state's tree of shapes (from Orbax metadata; no array is read)."""
+    with contextlib.closing(ocp.StandardCheckpointer()) as reader:
+      meta = reader.metadata(self._step_dir(step) / "state").item_metadata
+    return getattr(meta, "tree", meta)
+
+  def _read_verified(self, step: int, target: Any, data_iter: Any) -> tuple[Any, dict]:
+    """Restores `step` into `target`, checks it against its manifest; BadCheckpoint if either fails."""
+    items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+                 manifest=ocp.args.JsonRestore())
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      saved = restored["manifest"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise BadCheckpoint(f"unreadable: {type(e).__name__}: {_first_line(e)}") from e
+    if not saved or "arrays" not in saved:
+      raise BadCheckpoint("no manifest (not written by this version, or damaged)")
+    try:
+      problem = compare_manifests(saved, manifest_of(restored["state"]))
+    except FloatingPointError as e:
+      problem = str(e)
+    if problem:
+      raise BadCheckpoint(f"checksum mismatch: {problem}")
     return restored["state"], restored["meta"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def quarantine(self, step: int, reason: str) -> str:
+    """Moves a bad step out of the checkpoint folder (kept for inspection, never listed again)."""
+    src = self._step_dir(step)
+    dst = epath.Path(self.bad_dir) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+      src.rename(dst)
+      (dst / "WHY.txt").write_text(reason + "\n")
+    self.manager.reload()
+    return str(dst)
+
+  def restore_latest_good(self, target_state: Any, data_iter: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest step that reads back and matches its manifest; None if none.
+
+    Steps that fail are reported and moved aside. A checkpoint whose shapes differ from `target_state` is not
+    damaged but incompatible: that raises ResumeError with the differences instead.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self.saved_shapes(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._report_bad(step, f"unreadable metadata: {type(e).__name__}: {_first_line(e)}")
+        continue
+      diff = shape_differences(saved, target_state)
+      if diff:
+        raise ResumeError(f"checkpoint step {step} in {self.directory} does not fit this config's model/optimizer: "
+                          + "; ".join(diff),
+                          fix="resume with the config the run was started with, or use a new --workdir")
+      try:
+        state, meta = self._read_verified(step, target_state, data_iter)
+      except BadCheckpoint as e:
+        self._report_bad(step, str(e))
+        continue
+      self.good.add(step)
+      logging.info("restored checkpoint step %d from %s (manifest verified)", step, self.directory)
+      return step, state, meta
+    return None
+
+  def _report_bad(self, step: int, reason: str) -> None:
+    where = self.quarantine(step, reason)
+    logging.error("checkpoint step %d is bad (%s); moved to %s, trying an older step", step, reason, where)
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return text[0][:300] if text else ""

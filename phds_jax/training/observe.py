@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import tqdm
 
-from phds_jax import models
+from phds_jax import models, paths
 
 # Dense bf16 peak TFLOP/s per device, for the MFU estimate (device_kind prefixes).
 PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0, "TPU v4": 275.0,
@@ -45,14 +45,16 @@ class RunLog:
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, *, enabled: bool = True,
                tensorboard: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self.remote = paths.is_remote(workdir)  # object stores cannot append: records are rewritten on flush()
     self.enabled = enabled
     self.loss_by_k: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=50))
     self.k_counts: collections.Counter = collections.Counter()
+    self.lines: list[str] = []
     if enabled:
-      _truncate_after(self.path, start_step)
+      self.lines = _truncate_after(self.path, start_step)
     self.writer = None
-    if enabled and tensorboard:
+    if enabled and tensorboard and not self.remote:
       from tensorboardX import SummaryWriter  # maintained, TensorFlow-free event writer
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
@@ -89,32 +91,41 @@ class RunLog:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self.remote:
+      self.lines.append(line)
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self.writer is not None:
       for key, value in record.items():
         if isinstance(value, (int, float)) and key != "step":
           self.writer.add_scalar(key, value, record["step"])
 
+  def flush(self) -> None:
+    if self.enabled and self.remote:
+      paths.write_text(self.path, "".join(self.lines))
+
   def close(self) -> None:
+    self.flush()
     self.bar.close()
     if self.writer is not None:
       self.writer.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """On resume, drop logged records past the restored step (they are about to be re-run)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-  with open(path, "w") as f:
-    f.writelines(keep)
+def _truncate_after(path: str, step: int) -> list[str]:
+  """On resume, drop logged records past the restored step (they are about to be re-run); returns the rest."""
+  if not paths.exists(path):
+    return []
+  keep = [line + "\n" for line in paths.read_text(path).splitlines()
+          if line.strip() and json.loads(line).get("step", 0) <= step]
+  paths.write_text(path, "".join(keep))
+  return keep
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = paths.read_text(paths.join(workdir, "metrics.jsonl"))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot_run(workdir: str, k_hist: dict[int, int], eval_by_k: dict[int, float] | None = None) -> list[str]:
@@ -150,9 +161,10 @@ def plot_run(workdir: str, k_hist: dict[int, int], eval_by_k: dict[int, float] |
 
 
 def _save(fig, workdir: str, name: str) -> str:
-  path = os.path.join(workdir, name)
+  path = paths.join(workdir, name)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with paths.as_epath(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   plt.close(fig)  # runs repeated in one process (experiment driver) must not accumulate open figures
   return path

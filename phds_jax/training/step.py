@@ -4,6 +4,10 @@ A step receives `M` microbatches and, for each, an index into the schedule's lev
 gradients over the microbatches; inside it a `lax.switch` picks the branch compiled for that microbatch's k
 (k stays a static Python int inside each branch). Changing k between steps or microbatches therefore never
 recompiles: the compiled step already holds every level.
+
+An update is applied only if the loss, every gradient, and the new parameters and optimizer state are finite;
+otherwise the step keeps the old state (inside the compiled step, by a select) and counts the skip in
+`TrainState.skipped`, so a non-finite value can never reach the parameters or a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,13 +25,27 @@ Batch = dict[str, jax.Array]
 
 
 class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
+  step: jax.Array  # steps taken (data consumed), applied or skipped
   params: Any
   opt_state: Any
+  skipped: jax.Array  # updates skipped because something was non-finite (over the whole run)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every floating-point leaf of `tree` is finite (integer leaves, e.g. Adam's count, are ignored)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where `ok`, else `old`, leaf by leaf (a select: no host round trip, no recompile)."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def sharded_init_state(params: Any, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, Any]:
@@ -88,12 +106,17 @@ def make_train_step(model_cfg: models.ModelConfig, levels: tuple[int, ...], tx: 
 
     grads, stats = jax.lax.scan(body, zeros, (batch, level_idx_M))
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    loss = jnp.sum(stats["nll_sum"]) / norm
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=jnp.sum(stats["nll_sum"]) / norm, nll_sum_M=stats["nll_sum"], tokens_M=stats["tokens"],
+    grads_ok = jnp.isfinite(loss) & all_finite(grads)
+    ok = grads_ok & all_finite(params) & all_finite(opt_state)
+    params, opt_state = keep_if(ok, params, state.params), keep_if(ok, opt_state, state.opt_state)
+    metrics = dict(loss=loss, applied=ok, grads_finite=grads_ok, nll_sum_M=stats["nll_sum"], tokens_M=stats["tokens"],
                    lb_loss=jnp.mean(stats["lb_loss"]), z_loss=jnp.mean(stats["z_loss"]),
                    expert_load=jnp.sum(stats["expert_load"], axis=0), grad_norm=optax.tree.norm(grads))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    skipped = state.skipped + jnp.where(ok, 0, 1).astype(state.skipped.dtype)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped), metrics
 
   return train_step
 

@@ -1,57 +1,182 @@
-"""Checks a training config before anything is loaded or compiled, with messages that name the field."""
+"""Checks a training config before anything is loaded or compiled, with messages that name the field.
+
+Every check here is cheap (small JSON headers, globs, a task registry): a typo, an out-of-range value or an
+unknown field fails in a second with one line that names the field and the fix, not after the model loads or
+at the first eval. `TrainConfigError` is a `cli.UserError`: the CLI prints it without a traceback (exit 2).
+"""
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from phds_jax import parallel, schedule
+from phds_jax import cli, parallel, paths, schedule
+from phds_jax.models.config import GMM_IMPLS, ROUTING_IMPLS, ModelConfig
 
 INIT_KINDS = ("hf", "orbax", "scratch")
 ROUTER_MODES = ("soft", "hard")
+LR_DECAYS = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+# data.* fields the trainer sets itself (per host, per part); a config may not set them.
+_DATA_RUNTIME = ("batch_size", "part", "seed", "shuffle", "num_epochs", "shard_index", "shard_count")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(cli.UserError, ValueError):
   """A training configuration that cannot run."""
 
 
-def _need(cond: bool, msg: str) -> None:
+def _need(cond: bool, msg: str, fix: str | None = None) -> None:
   if not cond:
-    raise TrainConfigError(msg)
+    raise TrainConfigError(msg, fix)
 
 
-def _model_type_of(init) -> str | None:
-  """The architecture an init checkpoint holds (None if it cannot be read)."""
+def _choice(config: Any, field: str, choices: tuple[str, ...]) -> None:
+  value = _get(config, field)
+  _need(value in choices, f"{field}={value!r} is not one of {choices}{cli.close_matches(str(value), choices)}",
+        f"--config.{field}={choices[0]}")
+
+
+def _get(config: Any, field: str) -> Any:
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def known_fields() -> set[str]:
+  """Every dotted field a training config may hold: base_config's, plus ModelConfig/DataConfig fields."""
+  from configs.base import base_config  # pylint: disable=g-import-not-at-top
+  from phds_jax.data.pipeline import DataConfig  # pylint: disable=g-import-not-at-top
+  names = set(cli.config_field_names(base_config()))
+  model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
+  names |= {f"model.{f}" for f in model_fields} | {f"scratch_model.{f}" for f in model_fields}
+  names |= {f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name not in _DATA_RUNTIME}
+  return names
+
+
+def check_known_fields(config: ml_collections.ConfigDict) -> None:
+  """Unknown fields (typos such as `optimizer.decya`) fail with the closest known names."""
+  known = known_fields()
+  for name in cli.config_field_names(config):
+    if name not in known:
+      raise TrainConfigError(f"unknown config field {name!r}{cli.close_matches(name, known)}",
+                             fix="rename or remove it (configs/base.py lists every field)")
+
+
+def _model_json(init) -> dict:
+  """The init checkpoint's config.json (hf) / model_config.json (orbax), errors naming the file."""
   name = "config.json" if init.kind == "hf" else "model_config.json"
-  path = os.path.join(init.path, name)
-  _need(os.path.exists(path), f"init.path={init.path!r} has no {name}: not an {init.kind} checkpoint directory")
-  with open(path) as f:
-    return json.load(f).get("model_type")
+  path = paths.join(init.path, name)
+  _need(paths.exists(path), f"init.path={init.path!r} has no {name}: not an {init.kind} checkpoint directory",
+        "point init.path at the checkpoint directory, or set init.kind")
+  try:
+    return json.loads(paths.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise TrainConfigError(f"{path}: malformed JSON ({e})", "re-download or re-export the checkpoint") from None
+
+
+def init_header(config: ml_collections.ConfigDict) -> tuple[str | None, int]:
+  """(model_type, k_pre) of the init checkpoint (or scratch_model), from its small config file."""
+  init = config.init
+  if init.kind == "scratch":
+    _need(bool(config.get("scratch_model")), "init.kind='scratch' needs config.scratch_model (ModelConfig fields)")
+    return config.scratch_model.get("model_type"), int(config.scratch_model.k_pre)
+  _need(bool(init.path) and paths.isdir(init.path), f"init.path={init.path!r} does not exist",
+        "--config.init.path=<a checkpoint directory>")
+  raw = _model_json(init)
+  if init.kind == "hf" and not paths.is_remote(init.path):
+    _check_safetensors_headers(init.path)
+  k_pre = raw.get("num_experts_per_tok", raw.get("k_pre"))
+  _need(isinstance(k_pre, int) and k_pre >= 1,
+        f"{paths.join(init.path, 'config.json' if init.kind == 'hf' else 'model_config.json')}: "
+        f"no valid num_experts_per_tok (got {k_pre!r}); not an MoE checkpoint?")
+  return raw.get("model_type"), int(k_pre)
+
+
+def _check_safetensors_headers(directory: str) -> None:
+  """Opens every *.safetensors header (no tensor is read): a truncated or foreign file is named now."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  for path in sorted(paths.glob(os.path.join(directory, "*.safetensors"))):
+    try:
+      with safe_open(path, framework="numpy") as f:
+        f.keys()
+    except Exception as e:  # pylint: disable=broad-except
+      raise TrainConfigError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})",
+                             fix="re-download or re-convert the checkpoint") from None
+
+
+def _check_optimizer(o) -> None:
+  _need(o.lr > 0 and np.isfinite(o.lr), f"optimizer.lr={o.lr} must be a finite number > 0", "--config.optimizer.lr=2e-5")
+  _need(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+  _need(0.0 <= o.get("final_lr_fraction", 0.0) <= 1.0,
+        f"optimizer.final_lr_fraction={o.final_lr_fraction} must be in [0, 1]")
+  _need(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, f"optimizer.b1={o.b1}, b2={o.b2} must be in [0, 1)")
+  _need(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
+  _need(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+  _need(o.clip >= 0, f"optimizer.clip={o.clip} must be >= 0 (0 = no clipping)")
+
+
+def _check_data(config) -> None:
+  from phds_jax.data.errors import ON_ERROR  # pylint: disable=g-import-not-at-top
+  from phds_jax.data.formats import FORMATS  # pylint: disable=g-import-not-at-top
+  from phds_jax.data.pipeline import PACKINGS  # pylint: disable=g-import-not-at-top
+  from phds_jax.data.tokenize import OVERLONG  # pylint: disable=g-import-not-at-top
+  for field, choices in (("data.on_error", ON_ERROR), ("data.overlong", OVERLONG), ("data.format", FORMATS),
+                         ("data.packing", PACKINGS)):
+    if field.split(".")[1] in config.data:
+      _choice(config, field, choices)
+  _need(config.data.max_len >= 2, f"data.max_len={config.data.max_len} must be >= 2")
+  data_paths = config.data.get("path")
+  _need(bool(data_paths) or bool(config.data.get("tfds_name")), "data.path is empty (and no data.tfds_name)",
+        "--config.data.path=/path/to/train.jsonl")
+  if data_paths and not config.data.get("tfds_name"):
+    for p in [data_paths] if isinstance(data_paths, str) else list(data_paths):
+      _need(bool(paths.glob(p)), f"data.path {p!r} matches no file")
+  frac = config.data.get("validation_fraction", 0.0)
+  _need(0.0 <= frac < 1.0, f"data.validation_fraction={frac} must be in [0, 1)")
+
+
+def _check_eval(config, k_pre: int) -> None:
+  ks = tuple(config.eval.get("ks") or ())
+  bad = [k for k in ks if not (isinstance(k, int) and 1 <= k <= k_pre)]
+  _need(not bad, f"eval.ks={ks}: {bad} outside [1, k_pre={k_pre}]", f"--config.eval.ks=\"(1,{k_pre})\" or () for all")
+  _need(config.eval.every_steps >= 1, "eval.every_steps must be >= 1")
+  _need(config.eval.batches >= 0, f"eval.batches={config.eval.batches} must be >= 0")
+  fe = config.final_eval
+  _need(fe.limit >= 0 and fe.batch_size >= 1, f"final_eval.limit={fe.limit} must be >= 0, batch_size >= 1")
+  if fe.tasks:
+    from phds_jax.evaluation import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+    try:
+      found = tasks_lib.get_tasks(list(fe.tasks))
+    except ValueError as e:
+      raise TrainConfigError(f"final_eval.tasks={tuple(fe.tasks)}: {e}") from None
+    for t in found:
+      path = getattr(t, "path", None)
+      _need(not path or path.startswith("tfds:") or paths.exists(path),
+            f"final_eval.tasks: {t.name}: file {path!r} does not exist")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises TrainConfigError for the first problem found; cheap (reads only small JSON headers)."""
-  _need(config.num_steps >= 1, f"num_steps={config.num_steps} must be >= 1")
-  _need(config.microbatches >= 1, f"microbatches={config.microbatches} must be >= 1")
-  _need(config.batch_size >= 1, f"batch_size={config.batch_size} must be >= 1")
-  _need(config.router_mode in ROUTER_MODES, f"router_mode={config.router_mode!r} is not one of {ROUTER_MODES}")
-  init = config.init
-  _need(init.kind in INIT_KINDS, f"init.kind={init.kind!r} is not one of {INIT_KINDS}")
-  if init.kind == "scratch":
-    _need(bool(config.get("scratch_model")), "init.kind='scratch' needs config.scratch_model (ModelConfig fields)")
-    k_pre = config.scratch_model.k_pre
-    model_type = config.scratch_model.model_type
-  else:
-    _need(bool(init.path) and os.path.isdir(init.path), f"init.path={init.path!r} does not exist")
-    model_type = _model_type_of(init)
-    with open(os.path.join(init.path, "config.json" if init.kind == "hf" else "model_config.json")) as f:
-      raw = json.load(f)
-    k_pre = raw.get("num_experts_per_tok", raw.get("k_pre"))
+  check_known_fields(config)
+  for field in ("num_steps", "microbatches", "batch_size"):
+    _need(config[field] >= 1, f"{field}={config[field]} must be >= 1")
+  _need(config.get("max_nonfinite_in_a_row", 1) >= 1,
+        f"max_nonfinite_in_a_row={config.get('max_nonfinite_in_a_row')} must be >= 1")
+  _choice(config, "router_mode", ROUTER_MODES)
+  _choice(config, "init.kind", INIT_KINDS)
+  _choice(config, "optimizer.decay", LR_DECAYS)
+  for field, choices in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES), ("model.gmm_impl", GMM_IMPLS),
+                         ("model.routing_impl", ROUTING_IMPLS)):
+    if field.split(".")[1] in config.model:
+      _choice(config, field, choices)
+  _check_optimizer(config.optimizer)
+  model_type, k_pre = init_header(config)
   expected = config.get("model_type") or None
   _need(expected is None or expected == model_type,
         f"init checkpoint is {model_type!r} but the config is for {expected!r}")
@@ -61,7 +186,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       probs=tuple(s.probs) if s.get("probs") else None, total_steps=config.num_steps, granularity=s.granularity)
   try:
     schedule.validate(sched, int(k_pre))
-  except schedule.ScheduleError as e:
+  except (schedule.ScheduleError, ValueError) as e:
     raise TrainConfigError(f"schedule: {e}") from None
   mesh = dict(config.mesh)
   sizes = [int(mesh.get(a, 1)) for a in parallel.MESH_AXES]
@@ -70,16 +195,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _need(set(mesh) <= set(parallel.MESH_AXES), f"mesh axes {sorted(mesh)} must be among {parallel.MESH_AXES}")
   _need(sizes.count(-1) <= 1 and (n % known == 0 if -1 in sizes else known == n),
         f"mesh {mesh} does not match the {n} available devices")
-  shards = n
-  _need(config.batch_size % (shards * config.microbatches) == 0,
-        f"batch_size={config.batch_size} must be divisible by data-parallel size ({shards}) x microbatches "
+  _need(config.batch_size % (n * config.microbatches) == 0,
+        f"batch_size={config.batch_size} must be divisible by data-parallel size ({n}) x microbatches "
         f"({config.microbatches})")
-  paths = config.data.get("path")
-  if paths and not config.data.get("tfds_name"):
-    for p in [paths] if isinstance(paths, str) else list(paths):
-      _need(bool(glob.glob(p)), f"data.path {p!r} matches no file")
-  frac = config.data.get("validation_fraction", 0.0)
-  _need(0.0 <= frac < 1.0, f"data.validation_fraction={frac} must be in [0, 1)")
+  _check_data(config)
   _need(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1,
         "checkpoint.every_steps and checkpoint.keep must be >= 1")
-  _need(config.eval.every_steps >= 1, "eval.every_steps must be >= 1")
+  _check_eval(config, int(k_pre))
+  allowed = config.get("resume", {}).get("allow_changes", ())
+  _need(isinstance(allowed, (tuple, list, str)), f"resume.allow_changes={allowed!r} must be field names")

@@ -1,0 +1,134 @@
+"""Command-line error handling shared by phds_jax's entry points: a user error is one line and exit code 2.
+
+    from phds_jax import cli
+    if __name__ == "__main__":
+      cli.run(main)          # instead of absl.app.run(main)
+
+A `UserError` (or any error in `USER_ERRORS`) prints `error: <message>` and, when known, `fix: <hint>` on
+stderr and exits with status 2, without a traceback; `--debug` re-raises it with the full traceback. Other
+exceptions (bugs) keep their traceback. Bad `--config.FIELD=value` overrides, which ml_collections rejects
+while absl parses flags (before `main` runs), get the same treatment with close-match hints for the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+from absl import app, flags
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+  """An error the user can fix (bad config, bad input file, refused resume); `fix` says how."""
+
+  def __init__(self, message: str, fix: str | None = None):
+    super().__init__(message)
+    self.fix = fix
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+  """Exception types reported as user errors (imported lazily so this module stays cheap to import)."""
+  from phds_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  from phds_jax.hf import CheckpointError  # pylint: disable=g-import-not-at-top
+  from phds_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
+  return (UserError, DataError, CheckpointError, ConfigError, FileNotFoundError)
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
+  """' (did you mean a, b?)' for the nearest candidates by difflib, or ''."""
+  hits = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+  return f" (did you mean {', '.join(hits)}?)" if hits else ""
+
+
+def format_user_error(err: BaseException) -> str:
+  fix = getattr(err, "fix", None)
+  text = f"error: {err}"
+  return text + (f"\nfix: {fix}" if fix else "")
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+  return any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
+
+
+def _config_file(argv: Sequence[str]) -> tuple[str, str | None] | None:
+  for a in argv:
+    if a.startswith("--config="):
+      path, _, arg = a[len("--config="):].partition(":")
+      return path, arg or None
+  return None
+
+
+def config_field_names(config: Any, prefix: str = "") -> list[str]:
+  """Every dotted field name of a ConfigDict (nested dicts included)."""
+  names = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    names.append(name)
+    if hasattr(value, "items"):
+      names += config_field_names(value, name + ".")
+  return names
+
+
+def _load_config(path: str, arg: str | None) -> Any:
+  spec = importlib.util.spec_from_file_location("_phds_cli_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def explain_override_error(argv: Sequence[str], err: BaseException) -> UserError:
+  """A readable UserError for a `--config.X=...` override that ml_collections refused."""
+  overrides = [a for a in argv if a.startswith("--config.")]
+  located = _config_file(argv)
+  names: list[str] = []
+  if located:
+    try:
+      names = config_field_names(_load_config(*located))
+    except Exception:  # pylint: disable=broad-except
+      names = []
+  for a in overrides:
+    field = a[len("--config."):].partition("=")[0]
+    if names and field not in names:
+      return UserError(f"unknown config field {field!r} in {a}{close_matches(field, names)}",
+                       fix=f"fields of {located[0]}: python -c \"...get_config()\" lists them; remove or rename it")
+  return UserError(f"bad config override ({type(err).__name__}: {err}) in {' '.join(overrides) or argv[1:]}",
+                   fix="check the value's type against the config file's default")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-override and flag errors turned into one-line user errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_user_error(UserError(str(e), fix=f"{argv[0]} --help lists the flags"), argv, e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _exit_user_error(explain_override_error(argv, e), argv, e)
+  return argv  # unreachable
+
+
+def _exit_user_error(user_err: BaseException, argv: Sequence[str], cause: BaseException | None = None) -> None:
+  if _debug_requested(argv):
+    raise (cause or user_err)
+  print(format_user_error(user_err), file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+  """`absl.app.run(main)` with user errors reported as one line and exit code 2 (`--debug`: traceback)."""
+  argv = list(sys.argv if argv is None else argv)
+
+  def guarded(args):
+    try:
+      return main(args)
+    except user_error_types() as e:  # pylint: disable=catching-non-exception
+      _exit_user_error(e, argv)
+
+  app.run(guarded, argv=argv, flags_parser=parse_flags)
+
+
+if "debug" not in flags.FLAGS:  # one definition, whichever entry point imports this first
+  flags.DEFINE_bool("debug", False, "Show the full traceback of user errors (bad config, bad files).")

@@ -1,0 +1,89 @@
+"""Run paths that may be local files or object-store URLs (gs://, s3://, ...), through `etils.epath`.
+
+`os.path.abspath("gs://bucket/run")` is "./gs:/bucket/run": a local directory that silently takes the run.
+Here a URL with a scheme stays a URL all the way to Orbax and Grain; `file://` URLs become plain local paths
+(TensorStore and `open` want those); local paths become absolute (Orbax requires it).
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import os
+import re
+
+from etils import epath
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+  """'gs' for 'gs://b/x', None for local paths ('file://' URLs count as local)."""
+  m = _SCHEME.match(os.fspath(path))
+  return None if m is None or m.group(1) == "file" else m.group(1)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return scheme(path) is not None
+
+
+def normalize(path: str | os.PathLike) -> str:
+  """Remote URLs unchanged; `file:///x` -> '/x'; local paths absolute (with ~ expanded)."""
+  path = os.fspath(path)
+  if is_remote(path):
+    return path.rstrip("/")
+  if path.startswith("file://"):
+    path = path[len("file://"):]
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def as_epath(path: str | os.PathLike) -> epath.Path:
+  return epath.Path(normalize(path))
+
+
+def join(path: str | os.PathLike, *parts: str) -> str:
+  """`os.path.join` that keeps 'gs://' intact (normalizes the root)."""
+  root = normalize(path)
+  return "/".join([root, *parts]) if is_remote(root) else os.path.join(root, *parts)
+
+
+def exists(path: str | os.PathLike) -> bool:
+  return as_epath(path).exists()
+
+
+def isdir(path: str | os.PathLike) -> bool:
+  return as_epath(path).is_dir()
+
+
+def makedirs(path: str | os.PathLike) -> None:
+  as_epath(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: str | os.PathLike) -> str:
+  return as_epath(path).read_text()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes via a temporary name and a rename where the store allows, so readers never see half a file."""
+  target = as_epath(path)
+  tmp = target.parent / f".{target.name}.tmp"
+  tmp.write_text(text)
+  tmp.replace(target)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+  """Appends (object stores cannot append: read, add, rewrite)."""
+  target = as_epath(path)
+  if not is_remote(path):
+    with open(target, "a") as f:
+      f.write(text)
+    return
+  write_text(path, (target.read_text() if target.exists() else "") + text)
+
+
+def glob(pattern: str) -> list[str]:
+  """Files matching a glob pattern, local or remote."""
+  if not is_remote(pattern):
+    return sorted(glob_lib.glob(normalize(pattern) if pattern.startswith("file://") else pattern))
+  root, _, rest = pattern.partition("*")
+  base = root.rsplit("/", 1)[0]
+  return sorted(str(p) for p in epath.Path(base).glob(pattern[len(base) + 1:]))

@@ -1,0 +1,98 @@
+"""Resuming a run: the new config is compared with the one the checkpoint was trained with.
+
+Fields that change what is trained (model and init, K_train and its schedule, optimizer, loss, data, batch,
+microbatches, seed, ...) must match, unless named in `--config.resume.allow_changes` (a field or a section,
+e.g. `optimizer.lr` or `optimizer`). Fields that only change how the run is observed or stored (`SAFE`) may
+change freely. `num_steps` may be raised or lowered down to the checkpoint's step (never below it): the lr
+then continues from its value at the resume step and decays to its end value at the new `num_steps`
+(`optimizer.resumed_schedule`), and the k curriculum's `switch_at` applies to the new `num_steps` for the
+steps still to run. Each start is appended to `run_history.jsonl`, with the changes it was allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import ml_collections
+
+from phds_jax import paths
+from phds_jax.training.checkpointing import ResumeError
+
+# Dotted prefixes that do not alter what is trained (observation, storage, kernels, performance).
+SAFE = ("name", "num_steps", "resume", "max_nonfinite_in_a_row", "checkpoint", "eval", "final_eval", "export",
+        "peak_tflops", "mesh", "data.num_threads", "model.gmm_impl", "model.routing_impl")
+HISTORY = "run_history.jsonl"
+
+
+def plain(config: ml_collections.ConfigDict | dict) -> dict:
+  """The config as JSON-compatible nested dicts (tuples -> lists), as stored in checkpoint metadata."""
+  d = config.to_dict() if hasattr(config, "to_dict") else config
+  return json.loads(json.dumps(d, default=str))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict) and value:
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _covered(field: str, names: tuple[str, ...]) -> bool:
+  return any(field == n or field.startswith(n + ".") for n in names)
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  raw = config.get("resume", {}).get("allow_changes", ())
+  items = raw.split(",") if isinstance(raw, str) else list(raw)
+  return tuple(s.strip() for s in items if s and s.strip())
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """field -> (saved value, new value) for every leaf that differs (missing = None)."""
+  a, b = flatten(saved), flatten(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check(config: ml_collections.ConfigDict, saved_meta: dict | None, step: int) -> dict[str, tuple[Any, Any]]:
+  """Raises ResumeError if resuming `step` with `config` would silently train something else; returns changes."""
+  if config.num_steps < step:
+    raise ResumeError(f"num_steps={config.num_steps} is below the checkpoint's step {step} in this workdir",
+                      fix=f"--config.num_steps={step} (or more) to resume, or a new --workdir to start over")
+  saved = (saved_meta or {}).get("config")
+  if saved is None:
+    raise ResumeError(f"checkpoint step {step} holds no config to compare with (older format)",
+                      fix="use a new --workdir")
+  changes = config_changes(saved, plain(config))
+  allowed = allowed_changes(config)
+  refused = {k: v for k, v in changes.items() if not _covered(k, SAFE) and not _covered(k, allowed)}
+  if refused:
+    diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    raise ResumeError(f"the config differs from the one checkpoint step {step} was trained with: {diff}",
+                      fix=f"resume with the original values, allow them with "
+                          f"--config.resume.allow_changes={','.join(refused)}, or use a new --workdir")
+  return changes
+
+
+def segments(saved_meta: dict | None, config: ml_collections.ConfigDict, step: int) -> list[list[int]]:
+  """The run's num_steps history [(from_step, num_steps), ...] including this start (for the lr schedule)."""
+  segs = [list(s) for s in (saved_meta or {}).get("num_steps_segments", [])]
+  if not segs:
+    old = ((saved_meta or {}).get("config") or {}).get("num_steps", config.num_steps)
+    segs = [[0, int(old)]]
+  if segs[-1][1] != config.num_steps:
+    segs.append([int(step), int(config.num_steps)])
+  return segs
+
+
+def append_history(workdir: str, config: ml_collections.ConfigDict, start_step: int,
+                   changes: dict[str, tuple[Any, Any]]) -> None:
+  """One JSON line per start: when, from which step, the config, the allowed changes (never overwritten)."""
+  entry = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), start_step=int(start_step), config=plain(config),
+               allow_changes=list(allowed_changes(config)),
+               changes={k: [old, new] for k, (old, new) in changes.items()})
+  paths.append_text(paths.join(workdir, HISTORY), json.dumps(entry, default=str) + "\n")
