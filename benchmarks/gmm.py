@@ -3,9 +3,12 @@
   python benchmarks/gmm.py                 # CPU: tiled JAX loop, default shapes, fp32, ~1-2 min on 2 cores
   python benchmarks/gmm.py --full          # more shapes (slow: ragged_dot is O(G·m) on CPU)
   python benchmarks/gmm.py --dtype bfloat16 --tile-m 64 --reps 9
-  python benchmarks/gmm.py --sweep olmoe   # GPU/TPU: Pallas vs ragged_dot vs dense bf16, TFLOP/s, at the
-  python benchmarks/gmm.py --sweep qwen    #   model's expert shapes, tokens 16..65536, k = 1..k_pre
+  python benchmarks/gmm.py --sweep olmoe   # GPU/TPU: Pallas vs tokamax vs ragged_dot vs dense bf16, TFLOP/s,
+  python benchmarks/gmm.py --sweep qwen    #   at the model's expert shapes, tokens 16..65536, k = 1..k_pre
   python benchmarks/gmm.py --sweep olmoe --tokens 16 --ks 1 8 --scale 16 --reps 1 --check  # CPU smoke run
+
+A column that fails (out of memory, compile error, an implementation that is unavailable here, e.g. tokamax
+without jax >= 0.11) prints "n/a (reason)" and the line goes on; the full errors follow the line.
 
 Columns (ms, median of --reps jitted runs after a warm-up, block_until_ready):
   jax      phds_jax.kernels.gmm(impl="jax"): loops over groups and row windows (the CPU default);
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import NA, attempt, cell, failures, machine, ratio  # noqa: E402
 from phds_jax import kernels  # noqa: E402
 from phds_jax.kernels import grouped_matmul as gm  # noqa: E402
 
@@ -96,6 +99,25 @@ def group_sizes_for(m: int, num_groups: int, rng: np.random.Generator, balanced:
   return sizes
 
 
+def _fwd_and_grad(f, lhs, rhs, gs, cot, reps: int) -> tuple:
+  """(fwd ms, fwd+bwd ms), each an NA if it fails: the backward can fail (e.g. OOM) where the forward runs."""
+  grad = jax.grad(lambda a, b, g: jnp.sum(f(a, b, g).astype(jnp.float32) * cot), argnums=(0, 1))
+  return (attempt(timed, jax.jit(f), lhs, rhs, gs, reps=reps), attempt(timed, jax.jit(grad), lhs, rhs, gs, reps=reps))
+
+
+def _check(fns, names, lhs, rhs, gs, tol) -> list[str]:
+  """Max |impl - ragged_dot| for each name; a failing implementation is reported, not asserted."""
+  ref = attempt(lambda: np.asarray(fns["ragged"](lhs, rhs, gs), np.float32))
+  notes = []
+  for name in names:
+    out = attempt(lambda: np.asarray(fns[name](lhs, rhs, gs), np.float32))
+    if isinstance(out, NA) or isinstance(ref, NA):
+      continue  # the timing columns report why
+    err = float(np.abs(out - ref).max())
+    assert err < tol, (f"{name} vs ragged_dot", err)
+  return notes
+
+
 def bench_shape(m, num_groups, k, n, args, rng):
   dtype = jnp.dtype(args.dtype)
   lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
@@ -110,21 +132,15 @@ def bench_shape(m, num_groups, k, n, args, rng):
       "ragged": lambda a, b, g: kernels.gmm(a, b, g, impl="ragged_dot"),
       "dense": lambda a, b, g: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype),
   }
-  if args.check:
-    ref = np.asarray(fwd["ragged"](lhs, rhs, gs).astype(jnp.float32))
-    for name in ("jax", "batched"):
-      err = np.abs(np.asarray(fwd[name](lhs, rhs, gs).astype(jnp.float32)) - ref).max()
-      assert err < (1e-3 if dtype == jnp.float32 else 0.1), (name, err)
+  notes = _check(fwd, ("jax", "batched"), lhs, rhs, gs, 1e-3 if dtype == jnp.float32 else 0.1) if args.check else []
   cot = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
   out = {}
   for name, f in fwd.items():
     if name not in args.impls:
-      out[name] = (float("nan"), float("nan"))
+      out[name] = (NA("skipped", "not in --impls"),) * 2
       continue
-    grad = jax.grad(lambda a, b, g, f=f: jnp.sum(f(a, b, g).astype(jnp.float32) * cot), argnums=(0, 1))
-    out[name] = (timed(jax.jit(f), lhs, rhs, gs, reps=args.reps),
-                 timed(jax.jit(grad), lhs, rhs, gs, reps=args.reps))
-  return f"{ladder[0]}/{bt}", out
+    out[name] = _fwd_and_grad(f, lhs, rhs, gs, cot, args.reps)
+  return f"{ladder[0]}/{bt}", out, notes
 
 
 # --sweep: (experts, d_model, moe ffn, k_pre) of the target models; both projections are timed:
@@ -134,7 +150,8 @@ SWEEP_TOKENS = (16, 128, 1024, 8192, 65536)
 
 
 def sweep_line(impls, m, num_groups, k, n, args, rng):
-  """{impl: (fwd ms, fwd+bwd ms)} for one projection; 'dense' is one [m,k]x[k,n] matmul."""
+  """{impl: (fwd ms, fwd+bwd ms)} for one projection (NA where a column fails); 'dense' is one [m,k]x[k,n]
+  matmul of the same useful FLOPs."""
   dtype = jnp.dtype(args.dtype)
   lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
   rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), dtype)
@@ -142,55 +159,62 @@ def sweep_line(impls, m, num_groups, k, n, args, rng):
   tiles = dict(tile_m=args.tile_m, tile_k=args.tile_k, tile_n=args.tile_n)
   fns = {
       "pallas": lambda a, b, g: kernels.gmm_pallas(a, b, g, **tiles),
+      "tokamax": lambda a, b, g: kernels.gmm(a, b, g, impl="tokamax"),
       "ragged": lambda a, b, g: kernels.gmm(a, b, g, impl="ragged_dot"),
       "jax": lambda a, b, g: kernels.gmm(a, b, g, impl="jax"),
+      "auto": lambda a, b, g: kernels.gmm(a, b, g, impl="auto"),
       "dense": lambda a, b, g: jnp.dot(a, b[0], preferred_element_type=jnp.float32).astype(a.dtype),
   }
-  if args.check and "pallas" in impls:
-    err = np.abs(np.asarray(fns["pallas"](lhs, rhs, gs), np.float32) - np.asarray(fns["ragged"](lhs, rhs, gs),
-                                                                                 np.float32)).max()
-    assert err < (1e-2 if dtype == jnp.float32 else 0.25), ("pallas vs ragged_dot", err)
+  notes = []
+  if args.check:
+    notes = _check(fns, [i for i in impls if i not in ("ragged", "dense")], lhs, rhs, gs,
+                   1e-2 if dtype == jnp.float32 else 0.25)
   cot = jnp.asarray(rng.normal(size=(m, n)), dtype)
-  out = {}
-  for name in impls:
-    f = fns[name]
-    grad = jax.grad(lambda a, b, g, f=f: jnp.sum(f(a, b, g).astype(jnp.float32) * cot), argnums=(0, 1))
-    out[name] = (timed(jax.jit(f), lhs, rhs, gs, reps=args.reps),
-                 timed(jax.jit(grad), lhs, rhs, gs, reps=args.reps))
-  return out
+  return {name: _fwd_and_grad(fns[name], lhs, rhs, gs, cot, args.reps) for name in impls}, notes
+
+
+SWEEP_IMPLS = ("pallas", "tokamax", "ragged", "dense")
 
 
 def run_sweep(args):
-  """TFLOP/s per impl and the ratios the issue targets: pallas/ragged_dot and pallas/dense (>= 8k tokens)."""
+  """TFLOP/s per impl and each kernel's ratio to the dense matmul (target: fwd >= 0.75, fwd+bwd >= 0.8 at
+  >= 8k tokens), failing columns as n/a."""
   experts, d, ffn, k_pre = SWEEPS[args.sweep]
   d, ffn = d // args.scale, ffn // args.scale
-  impls = args.impls.split(",") if args.impls != DEFAULT_IMPLS else ["pallas", "ragged", "dense"]
+  impls = args.impls.split(",") if args.impls != DEFAULT_IMPLS else list(SWEEP_IMPLS)
+  kernels_ = [i for i in impls if i != "dense"]
   ks = args.ks or list(range(1, k_pre + 1))
   rng = np.random.default_rng(0)
-  cols = " ".join(f"{c:>8}" for c in impls)
+  cols = " ".join(f"{c:>12}" for c in impls)
+  vs_dense = " ".join(f"{c[:6] + '/dn':>12}" for c in kernels_) if "dense" in impls else ""
   print(f"sweep {args.sweep}: {experts} experts, d {d}, ffn {ffn}, k_pre {k_pre}; groups Dirichlet(1) unless "
-        f"--balanced; TFLOP/s (useful FLOPs = 2mkn; "
-        f"fwd+bwd counts 3x)")
-  print(f"{'proj':<4} {'tokens':>6} {'k':>2} {'rows':>7} | fwd {cols} {'pl/rd':>6} {'pl/dn':>6} | "
-        f"fwd+bwd {cols} {'pl/rd':>6} {'pl/dn':>6}")
+        f"--balanced; TFLOP/s (useful FLOPs = 2mkn; fwd+bwd counts 3x)")
+  print(f"{'proj':<4} {'tokens':>6} {'k':>2} {'rows':>7} | fwd {cols} {vs_dense} | fwd+bwd {cols} {vs_dense}")
   for tokens in args.tokens or SWEEP_TOKENS:
     for k in ks:
       m = tokens * k
       for proj, (kk, n) in (("wi", (d, 2 * ffn)), ("wo", (ffn, d))):
-        res = sweep_line(impls, m, experts, kk, n, args, rng)
+        res, notes = sweep_line(impls, m, experts, kk, n, args, rng)
         parts = []
         for mode, flops in ((0, 2 * m * kk * n), (1, 6 * m * kk * n)):
-          tflops = {c: flops / (res[c][mode] * 1e-3) / 1e12 for c in impls}
-          ratio = lambda a, b: tflops[a] / tflops[b] if a in tflops and b in tflops else float("nan")
-          parts.append(" ".join(f"{tflops[c]:8.3g}" for c in impls)
-                       + f" {ratio('pallas', 'ragged'):6.2f} {ratio('pallas', 'dense'):6.2f}")
+          tflops = {c: ratio(flops / 1e9, res[c][mode]) for c in impls}  # FLOP / ms / 1e9 = TFLOP/s
+          line = " ".join(cell(tflops[c], 12, ".3g") for c in impls)
+          if "dense" in impls:
+            line += " " + " ".join(cell(ratio(tflops[c], tflops["dense"]), 12) for c in kernels_)
+          parts.append(line)
         print(f"{proj:<4} {tokens:>6} {k:>2} {m:>7} | fwd {parts[0]} | fwd+bwd {parts[1]}", flush=True)
+        for name in impls:
+          for mode, label in ((0, "fwd"), (1, "fwd+bwd")):
+            for note in failures({f"{name} {label}": res[name][mode]}):
+              print(f"    {note}")
+        for note in notes:
+          print(f"    {note}")
 
 
 DEFAULT_IMPLS = "jax,batched,ragged,dense"
 
 
-def main():
+def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--full", action="store_true", help="more shapes (slower)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -199,7 +223,8 @@ def main():
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--balanced", action="store_true", help="equal group sizes instead of Dirichlet(1)")
   parser.add_argument("--impls", default=DEFAULT_IMPLS,
-                      help="columns to time (others: nan); --sweep: pallas,ragged,dense (also: jax)")
+                      help="columns to time; --sweep: any of pallas,tokamax,ragged,jax,auto,dense "
+                           f"(default {','.join(SWEEP_IMPLS)})")
   parser.add_argument("--check", action="store_true", help="also check outputs against ragged_dot")
   parser.add_argument("--sweep", choices=sorted(SWEEPS), help="model-shape sweep for GPU/TPU (see above)")
   parser.add_argument("--tokens", type=int, nargs="+", help=f"--sweep token counts (default {SWEEP_TOKENS})")
@@ -207,28 +232,35 @@ def main():
   parser.add_argument("--scale", type=int, default=1, help="--sweep: divide d and ffn (CPU smoke runs)")
   parser.add_argument("--tile-k", type=int, default=None, help="--sweep: pallas tile_k (default per backend)")
   parser.add_argument("--tile-n", type=int, default=None, help="--sweep: pallas tile_n (default per backend)")
-  args = parser.parse_args()
+  parser.add_argument("--shapes", type=int, default=0, help="CPU table: only the first N shapes (0 = all)")
+  args = parser.parse_args(argv)
 
-  print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
-        f"{os.cpu_count()} cpus | python {platform.python_version()}")
-  print(f"jax {jax.__version__} | backend {jax.default_backend()} | {jax.devices()[0].device_kind} | "
-        f"dtype {args.dtype} | groups {'balanced' if args.balanced else 'Dirichlet(1)'} | median of {args.reps}")
+  print(f"# {machine('tokamax')}")
+  print(f"# dtype {args.dtype} | groups {'balanced' if args.balanced else 'Dirichlet(1)'} | median of {args.reps} | "
+        f"auto order here: {', '.join(kernels.impl_order('auto'))}")
   if args.sweep:
     return run_sweep(args)
   args.impls = args.impls.split(",")
   cols = ("jax", "batched", "ragged", "dense")
-  head = " ".join(f"{c:>8}" for c in cols) + f" {'rd/jax':>7} {'jax/dn':>7}"
+  head = " ".join(f"{c:>12}" for c in cols) + f" {'rd/jax':>12} {'jax/dn':>12}"
   print(f"{'shape':<16} {'m':>6} {'G':>4} {'k->n':>9} {'tiles':>7} | fwd ms {head} | fwd+bwd ms {head}")
   rng = np.random.default_rng(0)
-  for label, m, num_groups, k, n in (FULL_SHAPES if args.full else DEFAULT_SHAPES):
-    tiles, res = bench_shape(m, num_groups, k, n, args, rng)
+  shapes = FULL_SHAPES if args.full else DEFAULT_SHAPES
+  for label, m, num_groups, k, n in shapes[:args.shapes or None]:
+    tiles, res, notes = bench_shape(m, num_groups, k, n, args, rng)
     parts = []
     for mode in (0, 1):
       t = {c: res[c][mode] for c in cols}
-      parts.append(" ".join(f"{t[c]:8.2f}" for c in cols)
-                   + f" {t['ragged'] / t['jax']:7.1f}x {t['jax'] / t['dense']:6.1f}x")
+      parts.append(" ".join(cell(t[c], 12) for c in cols) + f" {cell(ratio(t['ragged'], t['jax']), 12, '.1f')}"
+                   f" {cell(ratio(t['jax'], t['dense']), 12, '.1f')}")
     print(f"{label:<16} {m:>6} {num_groups:>4} {f'{k}->{n}':>9} {tiles:>7} | fwd ms {parts[0]} | "
           f"fwd+bwd ms {parts[1]}", flush=True)
+    for name in cols:
+      for note in failures({f"{name} fwd": res[name][0], f"{name} fwd+bwd": res[name][1]}):
+        if "not in --impls" not in note:
+          print(f"    {note}")
+    for note in notes:
+      print(f"    {note}")
 
 
 if __name__ == "__main__":
