@@ -60,8 +60,8 @@ def ok(*values: Any) -> bool:
 
 
 def cell(value: Any, width: int = 10, fmt: str = ".2f") -> str:
-  """A right-aligned table cell: the number formatted, or 'n/a (reason)'."""
-  text = str(value) if isinstance(value, NA) else format(value, fmt)
+  """A right-aligned table cell: the number formatted, or 'n/a (reason)' (a string is shown as it is)."""
+  text = str(value) if isinstance(value, (NA, str)) else format(value, fmt)
   return f"{text:>{width}}"
 
 

@@ -47,7 +47,7 @@ class MemoryEstimate:
     return self.params + self.grads + self.optimizer
 
   def render(self) -> str:
-    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"  # noqa: E731
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
     return (f"{self.num_params / 1e6:.1f}M params, mesh {mesh}: per device params {gib(self.params)} "
             f"({self.master_dtype} master) + grads {gib(self.grads)} + optimizer {gib(self.optimizer)} = "
