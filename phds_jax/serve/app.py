@@ -273,13 +273,14 @@ def create_app(scheduler: Any, tokenizer: ChatTokenizer, *, model_name: str, k_p
                drain_timeout: float | None = None) -> FastAPI:
   """The FastAPI app serving a started (warmed-up) `scheduler`.
 
-  On shutdown (after uvicorn has let in-flight HTTP requests finish) the lifespan drains and joins the
+  `default_k` defaults to k_pre when offered, else the largest offered k. On shutdown (after uvicorn has let
+  in-flight HTTP requests finish) the lifespan drains and joins the
   scheduler unless `shutdown_scheduler` is False. `vocab_size` bounds token-id prompts (default: the
   scheduler's model config).
   """
   ks = tuple(sorted(scheduler.ks))
   served = _Served(scheduler, tokenizer, model_name,
-                   KPolicy(k_pre, ks, k_pre if default_k is None else default_k, profile),
+                   KPolicy(k_pre, ks, default_k or (k_pre if k_pre in ks else max(ks)), profile),
                    vocab_size or scheduler.cfg.vocab_size, scheduler.max_len)
 
   @contextlib.asynccontextmanager
