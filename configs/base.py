@@ -1,6 +1,6 @@
 """Defaults shared by every training config; each config file overrides what differs.
 
-Values marked (paper) come from MoE-PHDS (arXiv 2509.23012, see shared PHDS_METHOD.md); the rest are ours.
+Values marked (paper) come from MoE-PHDS (arXiv 2509.23012, summarised with sources in docs/method.md); the rest are ours.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@
 
 Everything but `scratch_model.k_pre` and the fixed training k is configs/demo_pretrain.py (same data, steps,
 optimizer, seed), so Oracle-K differs from the k_pre=4 demo base only in the sparsity it was pretrained at:
-the "proprietary models fit on multiple operating points" of the paper (PHDS_METHOD.md §4.1).
+the "proprietary models fit on multiple operating points" of the paper (docs/method.md §4.1).
 """
 
 from configs import demo_pretrain

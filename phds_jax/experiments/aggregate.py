@@ -160,7 +160,7 @@ def paired_table(groups: Groups, ks: Sequence[int], ids: Sequence[str], subjects
 
 
 def agreement_table(groups: Groups, pairs: Sequence[Sequence[int]], ids: Sequence[str], **boot) -> list[dict]:
-  """Cross-k answer agreement (PHDS_METHOD.md §4.2) for each pair (k1, k2).
+  """Cross-k answer agreement (docs/method.md §4.2) for each pair (k1, k2).
 
   Rows: every method's own checkpoint at k1 vs k2 ("<method>@k1 vs @k2"), and, where oracles pretrained at
   both k exist, the pair of separate well-specified oracles ("Oracle-k1@k1 vs Oracle-k2@k2"). Each row holds

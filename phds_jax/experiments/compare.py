@@ -1,4 +1,4 @@
-r"""PHDS against its baselines (PHDS_METHOD.md §4): one command, every method × seed, one report.
+r"""PHDS against its baselines (docs/method.md §4): one command, every method × seed, one report.
 
     python -m phds_jax.experiments.compare --config=configs/compare_demo.py [--workdir=runs/compare_demo]
 

@@ -1,4 +1,4 @@
-"""The comparison's methods (PHDS_METHOD.md §4.1) as training configs, and checks of the comparison config.
+"""The comparison's methods (docs/method.md §4.1) as training configs, and checks of the comparison config.
 
 Every trained method starts from the same recipe (`config.train`: data, steps, batch, optimizer, soft router)
 and changes only the init checkpoint and the k schedule, so differences come from the schedule alone:

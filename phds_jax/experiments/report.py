@@ -1,6 +1,6 @@
 """The comparison's report: loads every run's scored items, builds the tables, writes report.json / report.md.
 
-The claims checked (PHDS_METHOD.md §5-6) are stated mechanically from the intervals, so the markdown says
+The claims checked (docs/method.md §5-6) are stated mechanically from the intervals, so the markdown says
 the same thing whatever the numbers are:
   1. PHDS ≈ Oracle at k_pre: the paired 95% CI of PHDS − Oracle at k_pre contains 0 (or lies above it).
   2. PHDS ahead of Naive and of the base at k_pre/2 <= k < k_pre: the paired CI lies above 0 at each such k.

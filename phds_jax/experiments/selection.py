@@ -1,4 +1,4 @@
-"""Which intermediate checkpoint a run reports (PHDS_METHOD.md §1.7), from the trainer's metrics.jsonl.
+"""Which intermediate checkpoint a run reports (docs/method.md §1.7), from the trainer's metrics.jsonl.
 
 The paper skips a burn-in (5,000 steps) and takes the checkpoint with the best validation score at k_pre;
 Reviewer 3 asks for the mean over the target k range instead. Both rules are here. The validation signal is
