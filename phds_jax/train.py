@@ -5,7 +5,9 @@ r"""PHDS fine-tuning: one checkpoint that runs at every k.
         --config.data.path=/data/tulu3.jsonl --workdir=runs/olmoe-phds
     python -m phds_jax.train --config=configs/olmoe.py:tiny ...        # a small variant for smoke runs
 
-Re-running with the same --workdir resumes from its latest complete checkpoint.
+Re-running with the same --workdir resumes from its newest verified checkpoint if the config still matches
+(see phds_jax/training/resume.py; --config.resume.allow_changes=FIELD,... to accept a change). User errors print
+one line and exit with status 2; --debug shows their traceback.
 """
 
 import logging as py_logging
@@ -13,10 +15,11 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 from ml_collections import config_flags
 
+from phds_jax import cli
 from phds_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
@@ -75,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -106,11 +106,13 @@ def shape_differences(saved: Any, target: Any, limit: int = 5) -> list[str]:
   Only `params` is compared leaf by leaf (Orbax names optimizer-state nodes differently from the live tree);
   the top-level fields must match (a state from another version of TrainState does not fit).
   """
-  fields = sorted(saved) if isinstance(saved, dict) else []
-  want = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else fields
-  if fields != want:
-    return [f"state fields: checkpoint {fields}, this version {want}"]
-  a, b = _flat_shapes(saved["params"]), _flat_shapes(target.params)
+  if dataclasses.is_dataclass(target):
+    fields = sorted(saved) if isinstance(saved, dict) else []
+    want = sorted(f.name for f in dataclasses.fields(target))
+    if fields != want:
+      return [f"state fields: checkpoint {fields}, this version {want}"]
+    saved, target = saved["params"], target.params
+  a, b = _flat_shapes(saved), _flat_shapes(target)
   out = [f"{n}: checkpoint {a[n]}, config {b[n]}" for n in sorted(set(a) & set(b)) if a[n] != b[n]]
   out += [f"{n}: only in the checkpoint" for n in sorted(set(a) - set(b))]
   out += [f"{n}: only in this config" for n in sorted(set(b) - set(a))]

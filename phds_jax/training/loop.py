@@ -180,9 +180,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise TrainConfigError(f"tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model only "
                            f"{model_cfg.vocab_size}", fix="set tokenizer_dir to the checkpoint's tokenizer")
-  tx0, _ = optimizer.make_optimizer(config, config.num_steps, params)  # structure only (for restoring)
+  tx, lr_schedule = optimizer.make_optimizer(config, config.num_steps, params)
   with jax.set_mesh(mesh):
-    state, state_shardings = step_lib.sharded_init_state(params, tx0, mesh)
+    state, state_shardings = step_lib.sharded_init_state(params, tx, mesh)
     del params
     batch_sharding = parallel.batch_sharding(mesh, leading_unsharded=1)
     eval_sharding = parallel.batch_sharding(mesh)
@@ -199,11 +199,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
         saved_meta, changes = None, {}
       else:
         start, state, meta = found
-        saved_meta = meta
-    segments = resume.segments(saved_meta, config, start) if saved_meta else [[0, config.num_steps]]
-    meta.update(config=resume.plain(config), num_steps_segments=segments)
-    tx, lr_schedule = optimizer.make_optimizer(config, config.num_steps, jax.eval_shape(lambda: state.params),
-                                               segments)
+    meta["config"] = resume.plain(config)
+    if saved_meta and "num_steps" in changes:
+      old_tx_lr = optimizer.learning_rate_schedule(
+          config.optimizer.lr, changes["num_steps"][0], config.optimizer.warmup_steps, config.optimizer.decay,
+          config.optimizer.get("final_lr_fraction", 0.0))
+      logging.warning("num_steps %s -> %s: the lr at step %d goes from %.3g to %.3g (schedule of the new length)",
+                      *changes["num_steps"], start, float(old_tx_lr(start)), float(lr_schedule(start)))
     train_step = jax.jit(
         step_lib.make_train_step(model_cfg, sched.levels, tx, mode=config.router_mode,
                                  lb_coef=config.loss.lb_coef, z_coef=config.loss.z_coef),

@@ -3,10 +3,11 @@
 Fields that change what is trained (model and init, K_train and its schedule, optimizer, loss, data, batch,
 microbatches, seed, ...) must match, unless named in `--config.resume.allow_changes` (a field or a section,
 e.g. `optimizer.lr` or `optimizer`). Fields that only change how the run is observed or stored (`SAFE`) may
-change freely. `num_steps` may be raised or lowered down to the checkpoint's step (never below it): the lr
-then continues from its value at the resume step and decays to its end value at the new `num_steps`
-(`optimizer.resumed_schedule`), and the k curriculum's `switch_at` applies to the new `num_steps` for the
-steps still to run. Each start is appended to `run_history.jsonl`, with the changes it was allowed.
+change freely. `num_steps` may be raised, or lowered down to the checkpoint's step (never below it); the steps
+still to run then follow the schedules the new `num_steps` defines: the lr is that of a run planned with the
+new length (extending a decayed run raises the lr at the resume step to where the longer run would be; the
+jump is logged), and the k curriculum's `switch_at` is a fraction of the new `num_steps`. Steps already taken
+are never re-run. Each start is appended to `run_history.jsonl`, with the changes it was allowed.
 """
 
 from __future__ import annotations
@@ -76,17 +77,6 @@ def check(config: ml_collections.ConfigDict, saved_meta: dict | None, step: int)
                       fix=f"resume with the original values, allow them with "
                           f"--config.resume.allow_changes={','.join(refused)}, or use a new --workdir")
   return changes
-
-
-def segments(saved_meta: dict | None, config: ml_collections.ConfigDict, step: int) -> list[list[int]]:
-  """The run's num_steps history [(from_step, num_steps), ...] including this start (for the lr schedule)."""
-  segs = [list(s) for s in (saved_meta or {}).get("num_steps_segments", [])]
-  if not segs:
-    old = ((saved_meta or {}).get("config") or {}).get("num_steps", config.num_steps)
-    segs = [[0, int(old)]]
-  if segs[-1][1] != config.num_steps:
-    segs.append([int(step), int(config.num_steps)])
-  return segs
 
 
 def append_history(workdir: str, config: ml_collections.ConfigDict, start_step: int,

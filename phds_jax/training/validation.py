@@ -8,6 +8,7 @@ at the first eval. `TrainConfigError` is a `cli.UserError`: the CLI prints it wi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from typing import Any
@@ -38,8 +39,8 @@ def _need(cond: bool, msg: str, fix: str | None = None) -> None:
 
 def _choice(config: Any, field: str, choices: tuple[str, ...]) -> None:
   value = _get(config, field)
-  _need(value in choices, f"{field}={value!r} is not one of {choices}{cli.close_matches(str(value), choices)}",
-        f"--config.{field}={choices[0]}")
+  near = difflib.get_close_matches(str(value), choices, n=1)
+  _need(value in choices, f"{field}={value!r} is not one of {choices}", f"--config.{field}={(near or choices)[0]}")
 
 
 def _get(config: Any, field: str) -> Any:
@@ -68,6 +69,16 @@ def check_known_fields(config: ml_collections.ConfigDict) -> None:
                              fix="rename or remove it (configs/base.py lists every field)")
 
 
+def _probe(fn, path: str, field: str) -> Any:
+  """fn(path), with storage errors (no gcsfs for gs://, no credentials, no network) naming the field."""
+  try:
+    return fn(path)
+  except (ImportError, OSError) as e:
+    raise TrainConfigError(f"{field}={path!r} cannot be read: {type(e).__name__}: {e}",
+                           fix="check the path, its credentials, or the filesystem package its scheme needs "
+                               "(gcsfs for gs://)") from None
+
+
 def _model_json(init) -> dict:
   """The init checkpoint's config.json (hf) / model_config.json (orbax), errors naming the file."""
   name = "config.json" if init.kind == "hf" else "model_config.json"
@@ -86,7 +97,7 @@ def init_header(config: ml_collections.ConfigDict) -> tuple[str | None, int]:
   if init.kind == "scratch":
     _need(bool(config.get("scratch_model")), "init.kind='scratch' needs config.scratch_model (ModelConfig fields)")
     return config.scratch_model.get("model_type"), int(config.scratch_model.k_pre)
-  _need(bool(init.path) and paths.isdir(init.path), f"init.path={init.path!r} does not exist",
+  _need(bool(init.path) and _probe(paths.isdir, init.path, "init.path"), f"init.path={init.path!r} does not exist",
         "--config.init.path=<a checkpoint directory>")
   raw = _model_json(init)
   if init.kind == "hf" and not paths.is_remote(init.path):
@@ -136,7 +147,7 @@ def _check_data(config) -> None:
         "--config.data.path=/path/to/train.jsonl")
   if data_paths and not config.data.get("tfds_name"):
     for p in [data_paths] if isinstance(data_paths, str) else list(data_paths):
-      _need(bool(paths.glob(p)), f"data.path {p!r} matches no file")
+      _need(bool(_probe(paths.glob, p, "data.path")), f"data.path {p!r} matches no file")
   frac = config.data.get("validation_fraction", 0.0)
   _need(0.0 <= frac < 1.0, f"data.validation_fraction={frac} must be in [0, 1)")
 
