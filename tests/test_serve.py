@@ -100,6 +100,26 @@ def wait_until(predicate, what: str) -> None:
     time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def engine_paused(scheduler: Scheduler) -> Iterator[None]:
+  """Holds the engine thread still (a request whose listener blocks on its first token), so that what waits in
+  the queue stays there for as long as a test needs: no race with the decode speed of the machine."""
+  blocked, release = threading.Event(), threading.Event()
+
+  def listener(event) -> None:
+    if event.token is not None and not release.is_set():
+      blocked.set()
+      release.wait(WAIT_S)
+
+  handle = scheduler.submit([5, 6, 7], k=1, sampling=SamplingParams(max_new_tokens=8), listener=listener)
+  try:
+    assert blocked.wait(WAIT_S), "the engine never reached the blocking request"
+    yield
+  finally:
+    release.set()
+    handle.cancel()
+
+
 def idle(url: str) -> bool:
   health = httpx.get(f"{url}/health", timeout=10).json()
   return health["running"] == 0 and health["queued"] == 0
@@ -388,23 +408,19 @@ def test_concurrent_clients_at_mixed_k(served, client):
 
 def test_queue_full_is_429_with_retry_after(served):
   url, scheduler = served
+  wait_until(lambda: idle(url), "an idle server")
   handles = []
-
-  def submit_long():
-    handles.append(scheduler.submit([5, 6, 7], k=1, sampling=SamplingParams(max_new_tokens=MAX_LEN - 4),
-                                    listener=lambda event: None))
-
   try:
-    for _ in range(MAX_BATCH):  # occupy every slot with a long request ...
-      submit_long()
-    wait_until(lambda: scheduler.num_active == MAX_BATCH, "the slots to fill")
-    with pytest.raises(QueueFull):  # ... then fill the queue behind them
-      for _ in range(MAX_QUEUE + 1):
-        submit_long()
-    response = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
-    assert response.status_code == 429, response.text
-    assert int(response.headers["retry-after"]) >= 1
-    assert response.json()["error"]["code"] == "queue_full"
+    with engine_paused(scheduler):
+      with pytest.raises(QueueFull):
+        for _ in range(MAX_QUEUE + 1):
+          handles.append(scheduler.submit([5, 6, 7], k=1, sampling=SamplingParams(max_new_tokens=4),
+                                          listener=lambda event: None))
+      assert len(handles) == MAX_QUEUE
+      response = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
+      assert response.status_code == 429, response.text
+      assert int(response.headers["retry-after"]) >= 1
+      assert response.json()["error"]["code"] == "queue_full"
   finally:
     for handle in handles:
       handle.cancel()
@@ -416,19 +432,39 @@ def test_disconnect_mid_stream_frees_the_slot(served):
   url, scheduler = served
   wait_until(lambda: idle(url), "an idle server")
   before = httpx.get(f"{url}/health").json()
-  with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "x", "max_tokens": MAX_LEN - 8, "stream": True,
-                                                           "k": 2}, timeout=60) as response:
-    for line in response.iter_lines():
-      if line.startswith("data: {"):
-        break  # one token arrived: the request holds a slot; now hang up
+  with contextlib.ExitStack() as paused:
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                      json={"prompt": "x", "max_tokens": MAX_LEN - 8, "stream": True, "k": 2}) as response:
+      for line in response.iter_lines():
+        if line.startswith("data: {"):
+          break  # a token arrived: the request holds a slot. Hold the engine (so it cannot run to its end), hang up
+      paused.enter_context(engine_paused(scheduler))
+    wait_until(lambda: httpx.get(f"{url}/health").json()["disconnects"] == before["disconnects"] + 1,
+               "the server to notice the disconnect")
   wait_until(lambda: idle(url), "the slot to be freed")
-  after = httpx.get(f"{url}/health").json()
-  assert after["disconnects"] == before["disconnects"] + 1
-  # The scheduler ended it as cancelled (not by running to max_tokens).
+  # The scheduler ended it as cancelled, not by running to max_tokens.
   wait_until(lambda: httpx.get(f"{url}/health").json()["finished"].get("cancelled", 0)
              == before["finished"].get("cancelled", 0) + 1, "the scheduler's cancelled event")
-  assert after["finished"].get("length", 0) == before["finished"].get("length", 0)
+  assert httpx.get(f"{url}/health").json()["finished"].get("length", 0) == before["finished"].get("length", 0)
   assert scheduler.num_active == 0
+
+
+def test_disconnect_while_queued_cancels_the_request(served):
+  """A non-streaming client that gives up while its request waits: the server notices (it polls for the
+  disconnect) and cancels it in the scheduler, which ends it without generating anything."""
+  url, scheduler = served
+  wait_until(lambda: idle(url), "an idle server")
+  before = httpx.get(f"{url}/health").json()
+  with engine_paused(scheduler):
+    with pytest.raises(httpx.ReadTimeout):
+      httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=0.3)
+    wait_until(lambda: httpx.get(f"{url}/health").json()["disconnects"] == before["disconnects"] + 1,
+               "the server to notice the disconnect")
+  wait_until(lambda: idle(url), "an idle server")
+  # /health counts the ends of HTTP requests only (not the direct submission that paused the engine).
+  wait_until(lambda: httpx.get(f"{url}/health").json()["finished"].get("cancelled", 0)
+             == before["finished"].get("cancelled", 0) + 1, "the scheduler's cancelled event")
+  assert httpx.get(f"{url}/health").json()["finished"].get("length", 0) == before["finished"].get("length", 0)
 
 
 # ------------------------------------------------------------------------------ SIGTERM on a real process
@@ -460,7 +496,8 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path):
       thread = threading.Thread(target=stream)
       thread.start()
       assert first.wait(WAIT_S), "no streamed token"
-      code = serve_load.stop_server(proc, timeout_s=120)
+      at_sigterm = len(events)
+      code = serve_load.stop_server(proc, timeout_s=120)  # SIGTERM, then wait for the exit
       thread.join(WAIT_S)
     finally:
       if proc.poll() is None:
@@ -473,6 +510,7 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path):
   tokens = chunks[-1]["usage"]["completion_tokens"]
   # Ran to its end after the SIGTERM: all 200 tokens, or EOS (never "cancelled" or cut short).
   assert finish == ["length"] and tokens == 200 or finish == ["stop"] and tokens > 0, (finish, tokens)
+  assert at_sigterm < len(events) - 2, "the stream had ended before the SIGTERM: nothing was in flight"
   assert "SIGTERM" in log_path.read_text()
 
 

@@ -41,6 +41,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
                       "latency_budget_ms.", **kw)
   flags.DEFINE_string("model_name", None, "Model id clients send (default: the checkpoint directory's name).",
                       **kw)
+  flags.DEFINE_float("drain_timeout_s", 300.0, "On SIGTERM, how long in-flight requests may take to finish before "
+                     "they are cancelled.", **kw)
   flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "uvicorn log level.", **kw)
   return fv
 
@@ -80,9 +82,10 @@ def serve(fv: flags.FlagValues = FLAGS) -> None:
   state = {"shut": False}
   try:
     fastapi_app = create_app(scheduler, tokenizer, model_name=fv.model_name or root.absolute().name,
-                             k_pre=cfg.k_pre, default_k=default_k, profile=profile, vocab_size=cfg.vocab_size)
+                             k_pre=cfg.k_pre, default_k=default_k, profile=profile, vocab_size=cfg.vocab_size,
+                             drain_timeout=fv.drain_timeout_s)
     server = uvicorn.Server(uvicorn.Config(fastapi_app, host=fv.host, port=fv.port, log_level=fv.log_level,
-                                           timeout_graceful_shutdown=None))
+                                           timeout_graceful_shutdown=fv.drain_timeout_s))
     # uvicorn re-raises the signal it caught once it has shut down, to run the previous handler; ours only logs,
     # so a graceful SIGTERM ends with exit status 0 instead of being killed by the default handler.
     signal.signal(signal.SIGTERM, lambda *_: logging.info("SIGTERM: shut down gracefully"))
