@@ -142,6 +142,8 @@ def test_decode_step_with_gathered_experts_matches_and_compiles_smaller():
 def test_time_decode_reports_per_step_samples():
   cfg = models.tiny("olmoe")
   params = models.init_params(cfg, jax.random.PRNGKey(0))
-  ms = engine.time_decode(cfg, params, k=2, batch_size=2, context_len=8, new_tokens=4, repeats=2)
-  chex.assert_shape(ms, (8,))
-  assert np.all(ms > 0) and np.all(np.isfinite(ms))
+  for steps in (1, 4):
+    ms = engine.time_decode(cfg, params, k=2, batch_size=2, context_len=8, new_tokens=4, repeats=2,
+                            steps_per_call=steps)
+    chex.assert_shape(ms, (8,))
+    assert np.all(ms > 0) and np.all(np.isfinite(ms))

@@ -159,48 +159,67 @@ def insert_fn() -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def decode_step_fn(cfg: ModelConfig) -> Callable:
-  """`(params, cache, tokens_B, active_B, step_B, samp, *, k) -> (next tokens [B], cache)`.
+  """`(params, cache, tokens_B, active_B, step_B, samp, *, k, n_steps=1) -> (tokens [B, n_steps], cache)`.
 
-  Rows with active=False (free slots, or another k group's rows) neither see nor leave anything: their
-  token is masked out of attention and the MoE statistics, and their write position does not move.
+  Decodes `n_steps` tokens per active row in one call (each sampled token fed back on the device), so the
+  per-call dispatch and host sync are paid once per n_steps tokens. Rows with active=False (free slots, or
+  another k group's rows) neither see nor leave anything: their token is masked out of attention and the MoE
+  statistics, and their write position does not move.
   """
   model = models.build(cfg)
 
-  def run(params, cache, tokens_B, active_B, step_B, samp, *, k):
+  def one(params, cache, tokens_B, active_B, step_B, samp, k):
     valid_Bx1 = active_B[:, None].astype(jnp.int32)
     logits, _, new_cache = model.apply({"params": params}, tokens_B[:, None], k=k, attention_mask=valid_Bx1,
                                        cache=cache)
     new_cache = new_cache._replace(index=jnp.where(active_B, new_cache.index, cache.index))
     return sample(logits[:, -1], step_B, *samp), new_cache
 
-  return jax.jit(run, static_argnames=("k",), donate_argnames=("cache",))
+  def run(params, cache, tokens_B, active_B, step_B, samp, *, k, n_steps=1):
+    if n_steps == 1:
+      tok_B, cache = one(params, cache, tokens_B, active_B, step_B, samp, k)
+      return tok_B[:, None], cache
+
+    def body(i, state):
+      tok_B, cache, out_BxN = state
+      tok_B, cache = one(params, cache, tok_B, active_B, step_B + i, samp, k)
+      return tok_B, cache, out_BxN.at[:, i].set(tok_B)
+
+    out_BxN = jnp.zeros((tokens_B.shape[0], n_steps), jnp.int32)
+    _, cache, out_BxN = jax.lax.fori_loop(0, n_steps, body, (tokens_B, cache, out_BxN))
+    return out_BxN, cache
+
+  return jax.jit(run, static_argnames=("k", "n_steps"), donate_argnames=("cache",))
 
 
 def time_decode(cfg: ModelConfig, params: Any, *, k: int, batch_size: int, context_len: int,
-                new_tokens: int = 32, repeats: int = 3) -> np.ndarray:
-  """Milliseconds per decode step (one token for each of `batch_size` rows), `repeats × new_tokens` samples.
+                new_tokens: int = 32, repeats: int = 3, steps_per_call: int = 1) -> np.ndarray:
+  """Milliseconds per decoded token (one for each of `batch_size` rows), about `repeats × new_tokens` samples.
 
-  Times the server's own step (decode_step_fn, greedy) on a cache holding `context_len` real tokens per row,
-  each step waited for, so the numbers include dispatch: what a client of the server sees per token.
+  Times the server's own step (decode_step_fn, greedy, `steps_per_call` tokens per call) on a cache holding
+  `context_len` real tokens per row, each call waited for, so the numbers include dispatch and the host sync:
+  what a client of the server sees per token. A call of n steps gives n samples of its time / n.
   """
   models.check_k(k, cfg.num_experts, cfg.k_pre)
-  cache_len = context_len + new_tokens * repeats + 1
+  calls = max(1, -(-new_tokens * repeats // steps_per_call))
+  cache_len = context_len + calls * steps_per_call + 1
   cache = init_slots(cfg, batch_size, cache_len)
   row = models.init_cache(cfg, 1, cache_len)
   tokens = np.ones((1, context_len), np.int32)
   _, row = prefill_chunk_fn(cfg)(params, row, tokens, np.ones_like(tokens), k=k)
   for slot in range(batch_size):
     cache = insert_fn()(cache, row, slot)
-  step = decode_step_fn(cfg)
-  tok = np.ones((batch_size,), np.int32)
+  step = functools.partial(decode_step_fn(cfg), k=k, n_steps=steps_per_call)
   active = np.ones((batch_size,), bool)
   samp = RowSampling.of([SamplingParams()] * batch_size).tree()
-  tok, cache = step(params, cache, tok, active, np.zeros(batch_size, np.int32), samp, k=k)  # compile
-  jax.block_until_ready(tok)
+  warm = step(params, init_slots(cfg, batch_size, cache_len), np.ones(batch_size, np.int32), active,
+              np.zeros(batch_size, np.int32), samp)  # compiles, on a throwaway cache
+  jax.block_until_ready(warm)
+  tok = np.ones((batch_size,), np.int32)
   times = []
-  for i in range(repeats * new_tokens):
+  for i in range(calls):
     start = time.perf_counter()
-    tok, cache = step(params, cache, tok, active, np.full(batch_size, i, np.int32), samp, k=k)
-    jax.block_until_ready(tok)
-    times.append((time.perf_counter() - start) * 1e3)
+    out, cache = step(params, cache, tok, active, np.full(batch_size, i * steps_per_call, np.int32), samp)
+    tok = np.asarray(jax.device_get(out))[:, -1]
+    times += [(time.perf_counter() - start) * 1e3 / steps_per_call] * steps_per_call
   return np.asarray(times)

@@ -90,20 +90,23 @@ class Scheduler:
   """See the module docstring. Thread-safe `submit`; one background engine thread after `start()`."""
 
   def __init__(self, cfg: ModelConfig, params: Any, *, ks: Sequence[int], max_batch: int = 8,
-               max_len: int = 512, max_queue: int = 64, eos_ids: Sequence[int] = (), prefill_chunk: int = 64):
+               max_len: int = 512, max_queue: int = 64, eos_ids: Sequence[int] = (), prefill_chunk: int = 64,
+               steps_per_call: int = 1):
     ks = tuple(sorted(set(int(k) for k in ks)))
     if not ks:
       raise ValueError("ks must offer at least one k")
     for k in ks:
       models.check_k(k, cfg.num_experts, cfg.k_pre)
-    if max_batch < 1 or max_queue < 0 or max_len < 2 or prefill_chunk < 1:
-      raise ValueError(f"need max_batch >= 1, max_queue >= 0, max_len >= 2, prefill_chunk >= 1; got "
-                       f"{max_batch}, {max_queue}, {max_len}, {prefill_chunk}")
+    if max_batch < 1 or max_queue < 0 or max_len < 2 or prefill_chunk < 1 or steps_per_call < 1:
+      raise ValueError(f"need max_batch >= 1, max_queue >= 0, max_len >= 2, prefill_chunk >= 1, steps_per_call "
+                       f">= 1; got {max_batch}, {max_queue}, {max_len}, {prefill_chunk}, {steps_per_call}")
     self.cfg, self.params, self.ks = cfg, params, ks
     self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
     self.eos_ids = frozenset(int(e) for e in eos_ids)
     self.chunk = min(engine.bucket(prefill_chunk), engine.bucket(max_len))
-    self.cache_len = max_len + self.chunk  # room for the left padding of a prompt's first chunk
+    self.steps_per_call = steps_per_call
+    # Room for the left padding of a prompt's first chunk and the steps a call runs past a row's end.
+    self.cache_len = max_len + self.chunk + steps_per_call
     self._cond = threading.Condition()
     self._waiting: collections.deque[_Request] = collections.deque()
     self._slots: list[_Request | None] = [None] * max_batch
@@ -208,10 +211,12 @@ class Scheduler:
     return int(jax.device_get(first)[0])
 
   def _decode(self, k: int, slots: list[int]) -> np.ndarray:
+    """[B, steps_per_call] next tokens of every row (only `slots` are meaningful)."""
     active = np.zeros(self.max_batch, bool)
     active[slots] = True
     tok, self._cache = engine.decode_step_fn(self.cfg)(self.params, self._cache, self._last_tok, active,
-                                                       self._step, self._samp.tree(), k=k)
+                                                       self._step, self._samp.tree(), k=k,
+                                                       n_steps=self.steps_per_call)
     return np.asarray(jax.device_get(tok))
 
   # ------------------------------------------------------------------------------------- engine loop
@@ -288,8 +293,11 @@ class Scheduler:
           self._free(slot, "error")
         self._reset_device_state_keeping(slots_alive=[s for s, r in enumerate(self._slots) if r is not None])
         return
-      for slot in slots:
-        self._accept_token(slot, int(tokens[slot]))
+      for slot in slots:  # tokens past a row's end (EOS, length, cancel) within a call are dropped
+        for token in tokens[slot]:
+          if self._slots[slot] is None or self._slots[slot].cancelled:
+            break
+          self._accept_token(slot, int(token))
 
   def _reset_device_state_keeping(self, slots_alive: list[int]) -> None:
     """After a failed step the donated cache may be gone: every request still holding a slot ends too."""
