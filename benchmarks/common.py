@@ -80,7 +80,7 @@ def failures(values: dict[str, Any]) -> list[str]:
   cell only has room for the tag; a reason repeated on every line would bury the numbers)."""
   out = []
   for name, v in values.items():
-    if isinstance(v, NA) and v.detail not in _REPORTED:
+    if isinstance(v, NA) and v.tag != "skipped" and v.detail not in _REPORTED:
       _REPORTED.add(v.detail)
       out.append(f"{name}: {v.detail}")
   return out

@@ -3,8 +3,11 @@ r"""Whole-model forward: phds_jax vs transformers + PyTorch, same weights, same 
     python -m benchmarks.vs_transformers                   # CPU-sized OLMoE layout
     python -m benchmarks.vs_transformers --family=qwen2_moe --batch=4 --seq_len=256
 
-Measures k_pre and a low k for both frameworks (the PyTorch model is re-dialled by setting each router's
-top_k), and checks that the two agree on the logits before timing anything.
+Measures every k in --ks for both frameworks (the PyTorch model is re-dialled by setting each router's top_k),
+checks that the two agree on the logits before timing anything, and interleaves the two frameworks' repeats
+(jax, torch, jax, torch, ...) so that load from other jobs on the machine hits both alike. Also prints the
+FLOPs of each forward, the GFLOP/s each framework reaches, and a dense fp32 matmul's GFLOP/s measured in the
+same run: the ceiling that bounds how far ahead of PyTorch a forward can get on this CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import numpy as np
 import torch
 import transformers
 
-from benchmarks.common import machine, median_ms
+from benchmarks.common import machine
+from benchmarks.hf_torch import set_k as set_torch_k
 from phds_jax import hf, models
+from phds_jax.training import observe
 
 SIZES = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, num_experts=32, num_experts_per_tok=8)
@@ -40,62 +45,85 @@ def hf_config(family: str):
   raise ValueError(family)
 
 
-def set_torch_k(model, k: int) -> None:
-  for layer in model.model.layers:
-    gate = getattr(layer.mlp, "gate", None)
-    if gate is not None and hasattr(gate, "top_k"):
-      gate.top_k = k
-
-
-def torch_ms(model, tokens: torch.Tensor, repeats: int) -> float:
+def interleaved_ms(jax_fn, torch_fn, repeats: int) -> tuple[float, float]:
+  """Median ms of each, timed alternately after one warm-up call each."""
+  times = {"jax": [], "torch": []}
   with torch.no_grad():
-    model(tokens)
-    times = []
+    jax.block_until_ready(jax_fn())
+    torch_fn()
     for _ in range(repeats):
-      start = time.perf_counter()
-      model(tokens)
-      times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+      for name, fn in (("jax", lambda: jax.block_until_ready(jax_fn())), ("torch", torch_fn)):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times["jax"])), 1e3 * float(np.median(times["torch"]))
 
 
-def main():
+def dense_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+  """GFLOP/s of one fp32 [m,k] x [k,n] matmul under XLA: the CPU's practical ceiling for these widths."""
+  a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  jax.block_until_ready(f(a, b))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * m * k * n / float(np.median(times)) / 1e9
+
+
+def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default="olmoe", choices=["olmoe", "qwen2_moe", "qwen3_moe"])
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--low_k", type=int, default=2)
+  parser.add_argument("--ks", type=int, nargs="+", help="top-k levels (default k_pre, k_pre/2, 2, 1)")
+  parser.add_argument("--low_k", type=int, default=2, help="the k whose time is compared with k_pre's")
   parser.add_argument("--repeats", type=int, default=5)
-  args = parser.parse_args()
+  parser.add_argument("--layers", type=int, default=SIZES["num_hidden_layers"])
+  args = parser.parse_args(argv)
 
   torch.manual_seed(0)
-  hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(args.family)).eval()
+  config = hf_config(args.family)
+  config.num_hidden_layers = args.layers
+  hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf_model.save_pretrained(tmp)
     cfg, params = hf.load(tmp)
   k_pre = cfg.k_pre
+  ks = args.ks or sorted({k_pre, max(1, k_pre // 2), min(args.low_k, k_pre), 1}, reverse=True)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
   tokens_j, tokens_t = jnp.asarray(tokens, jnp.int32), torch.as_tensor(tokens)
   forward = models.jit_forward(cfg)
+  n_tok = args.batch * args.seq_len
 
   print(f"# {machine()} | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
         f"transformers {transformers.__version__}")
   print(f"# {args.family}: {cfg.num_layers} layers, d={cfg.hidden_size}, E={cfg.num_experts}, k_pre={k_pre}, "
-        f"batch={args.batch} x seq={args.seq_len}, fp32")
-  print(f"{'k':>3} {'jax ms':>9} {'torch ms':>9} {'torch/jax':>10} {'max |dlogit|':>13}")
+        f"batch={args.batch} x seq={args.seq_len}, fp32; repeats interleaved jax/torch, median of {args.repeats}")
+  print(f"{'k':>3} {'jax ms':>9} {'torch ms':>9} {'torch/jax':>10} {'GFLOP':>7} {'jax GF/s':>9} {'torch GF/s':>11} "
+        f"{'max |dlogit|':>13}")
   rows = {}
-  for k in (k_pre, args.low_k):
+  for k in ks:
     set_torch_k(hf_model, k)
     with torch.no_grad():
       ref = hf_model(tokens_t).logits.numpy()
     ours = np.asarray(forward(params, tokens_j, k=k)[0])
     diff = float(np.abs(ours - ref).max())
-    jax_t = median_ms(forward, params, tokens_j, k=k, repeats=args.repeats)
-    torch_t = torch_ms(hf_model, tokens_t, args.repeats)
-    rows[k] = (jax_t, torch_t)
-    print(f"{k:>3} {jax_t:>9.1f} {torch_t:>9.1f} {torch_t / jax_t:>10.2f} {diff:>13.2e}")
-  (jp, tp), (jl, tl) = rows[k_pre], rows[args.low_k]
-  print(f"time at k={args.low_k} / time at k={k_pre}: jax {jl / jp:.2f}, torch {tl / tp:.2f} "
-        f"(expert share {args.low_k / k_pre:.2f})")
+    jax_t, torch_t = interleaved_ms(lambda: forward(params, tokens_j, k=k)[0], lambda: hf_model(tokens_t),
+                                    args.repeats)
+    gflop = observe.train_flops_per_token(cfg, args.seq_len, k) / 3 * n_tok / 1e9  # forward: 2 x active params
+    rows[k] = (jax_t, torch_t, gflop)
+    print(f"{k:>3} {jax_t:>9.1f} {torch_t:>9.1f} {torch_t / jax_t:>10.2f} {gflop:>7.1f} {gflop / jax_t * 1e3:>9.1f} "
+          f"{gflop / torch_t * 1e3:>11.1f} {diff:>13.2e}", flush=True)
+  if k_pre in rows and args.low_k in rows:
+    (jp, tp, fp), (jl, tl, fl) = rows[k_pre], rows[args.low_k]
+    print(f"time at k={args.low_k} / time at k={k_pre}: jax {jl / jp:.2f}, torch {tl / tp:.2f} "
+          f"(expert share {args.low_k / k_pre:.2f}, FLOP share {fl / fp:.2f})")
+  ceiling = dense_gflops(n_tok, cfg.hidden_size, cfg.hidden_size)
+  print(f"dense fp32 matmul [{n_tok}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.hidden_size}] in this run: "
+        f"{ceiling:.1f} GFLOP/s; 2x torch at k={k_pre} would need "
+        f"{2 * rows[k_pre][2] / rows[k_pre][1] * 1e3:.1f} GFLOP/s" if k_pre in rows else "")
 
 
 if __name__ == "__main__":
