@@ -56,9 +56,9 @@ def test_plan_text_names_mesh_memory_tokens_steps_and_checkpoints():
   p = plan.make_plan(demo.get_config(), "runs/demo-1", 1, num_hosts=1, device_memory_gb=16)
   text = p.render()
   for needle in ("mesh data=1 x fsdp=1 x expert=1", "per device:  params", "AdamW moments", "fits",
-                 "16 rows x 128 tokens = 2,048 tokens per step", "steps:       150",
+                 "16 rows x 128 tokens = 2,048 tokens per step", "steps:       100",
                  "runs/demo-1/checkpoints/<step> (every 50 steps, the latest 2 kept plus the best by validation",
-                 "anchored at k=2 from step 135"):
+                 "anchored at k=2 from step 90"):
     assert needle in text, needle
   shared = plan.make_plan(_olmoe(), "/local/run", 16, num_hosts=2)
   assert any("every host" in w for w in shared.warnings)
