@@ -3,6 +3,8 @@ the few-token MoE path equals the grouped one, sampling follows its distribution
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -113,9 +115,11 @@ def test_gathered_moe_path_equals_grouped():
   ex = jnp.asarray(rng.choice(e, size=(t, s)), jnp.int32)
   wi = jnp.asarray(rng.normal(size=(e, d, 2 * f)) * 0.2, jnp.float32)
   wo = jnp.asarray(rng.normal(size=(e, f, d)) * 0.2, jnp.float32)
-  got = experts_lib.routed_experts_gathered(x, w, ex, wi, wo)
-  chex.assert_shape(got, (t, d))
-  np.testing.assert_allclose(got, experts_lib.routed_experts_dense(x, w, ex, wi, wo), rtol=1e-5, atol=1e-5)
+  want = experts_lib.routed_experts_dense(x, w, ex, wi, wo)
+  for loop in (True, False):
+    got = jax.jit(functools.partial(experts_lib.routed_experts_gathered, loop=loop))(x, w, ex, wi, wo)
+    chex.assert_shape(got, (t, d))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"loop={loop}")
   assert experts_lib.use_gathered(1, 8, 64, "gather") and not experts_lib.use_gathered(64, 8, 64, "gather")
   assert not experts_lib.use_gathered(1, 8, 64, "grouped")
 

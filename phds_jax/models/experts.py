@@ -101,19 +101,36 @@ def routed_experts(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Ar
 
 
 def routed_experts_gathered(x_TxD: jax.Array, weights_TxS: jax.Array, experts_TxS: jax.Array,
-                            wi_ExDx2F: jax.Array, wo_ExFxD: jax.Array) -> jax.Array:
-  """Few-token path (decoding): gathers each slot's expert weights and applies them directly.
+                            wi_ExDx2F: jax.Array, wo_ExFxD: jax.Array, *, loop: bool | None = None) -> jax.Array:
+  """Few-token path (decoding): applies each (token, slot)'s expert weights directly, no sort or permutation.
 
-  With T·S <= E it reads at most as many expert weights as the grouped path would, and needs no sort, no
-  group sizes, no permutation and no un-permutation: a decode step is one gather and three contractions per
-  layer instead of a dozen small kernels. Cost ∝ T·S expert matrices, so it only pays for small T·S.
+  With T·S <= E it reads at most as many expert weights as the grouped path would, and a decode step is a
+  handful of ops per layer instead of sort → gmm → un-permute. Two formulations of the same sum:
+  `loop=True` walks the T·S pairs in a `fori_loop`, slicing one expert per iteration (no copy of the weights:
+  the fastest on CPU, where a gather of weight matrices is a large copy); `loop=False` gathers the chosen
+  experts' matrices and contracts them at once (few kernels: for accelerators, where a loop costs launches).
+  Default: the loop on CPU (kernels.target_platform).
   """
-  wi_TxSxDx2F = wi_ExDx2F[experts_TxS]
-  wo_TxSxFxD = wo_ExFxD[experts_TxS]
-  h_TxSx2F = jnp.einsum("td,tsdf->tsf", x_TxD, wi_TxSxDx2F, preferred_element_type=jnp.float32)
-  y_TxSxD = jnp.einsum("tsf,tsfd->tsd", swiglu(h_TxSx2F).astype(x_TxD.dtype), wo_TxSxFxD,
-                       preferred_element_type=jnp.float32)
-  return jnp.einsum("tsd,ts->td", y_TxSxD, weights_TxS.astype(jnp.float32)).astype(x_TxD.dtype)
+  loop = kernels.target_platform() == "cpu" if loop is None else loop
+  if not loop:
+    h_TxSx2F = jnp.einsum("td,tsdf->tsf", x_TxD, wi_ExDx2F[experts_TxS], preferred_element_type=jnp.float32)
+    y_TxSxD = jnp.einsum("tsf,tsfd->tsd", swiglu(h_TxSx2F).astype(x_TxD.dtype), wo_ExFxD[experts_TxS],
+                         preferred_element_type=jnp.float32)
+    return jnp.einsum("tsd,ts->td", y_TxSxD, weights_TxS.astype(jnp.float32)).astype(x_TxD.dtype)
+  num_tokens, num_slots = experts_TxS.shape
+  experts_N, weights_N = experts_TxS.reshape(-1), weights_TxS.reshape(-1).astype(jnp.float32)
+
+  def pair(n, acc_TxD):
+    t, e = n // num_slots, experts_N[n]
+    x_D = jax.lax.dynamic_index_in_dim(x_TxD, t, keepdims=False)
+    h_2F = jnp.dot(x_D, jax.lax.dynamic_index_in_dim(wi_ExDx2F, e, keepdims=False),
+                   preferred_element_type=jnp.float32)
+    y_D = jnp.dot(swiglu(h_2F).astype(x_TxD.dtype), jax.lax.dynamic_index_in_dim(wo_ExFxD, e, keepdims=False),
+                  preferred_element_type=jnp.float32)
+    return acc_TxD.at[t].add(weights_N[n] * y_D)
+
+  acc_TxD = jax.lax.fori_loop(0, num_tokens * num_slots, pair, jnp.zeros(x_TxD.shape, jnp.float32))
+  return acc_TxD.astype(x_TxD.dtype)
 
 
 def use_gathered(num_tokens: int, num_slots: int, num_experts: int, decode_moe: str) -> bool:
