@@ -9,14 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -26,10 +24,11 @@ from benchmarks import serve_load
 from phds_jax import hf
 from phds_jax.data.tokenize import ChatTokenizer
 from phds_jax.serve import profile as profile_lib
-from phds_jax.serve.app import KPolicy, TextStream, create_app
+from phds_jax.serve.app import KPolicy, create_app
 from phds_jax.serve.engine import generate
 from phds_jax.serve.sampling import SamplingParams
 from phds_jax.serve.scheduler import QueueFull, Scheduler
+from phds_jax.serve.text import TextStream
 
 DEMO = Path(__file__).resolve().parent.parent / "phds_jax" / "assets" / "demo_base"
 MODEL = "demo"

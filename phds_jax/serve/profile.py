@@ -189,7 +189,8 @@ def plot(doc: dict[str, Any], path: str | os.PathLike) -> Path:
     for p, x, y in zip(shown, xs, ys):
       ax.annotate(f"k={p['k']:d}", (x, y), textcoords="offset points", xytext=(6, 6))
     ax.set(xlabel="ms per decoded token (batch 1, p50; bar to p99)",
-           ylabel=f"{source['task']} ({source['metric']})", title="Accuracy vs latency per k")
+           ylabel=("MC average accuracy" if source["metric"] == "primary" else f"{source['task']} ({source['metric']})"),
+           title="Accuracy vs latency per k")
     ax.legend(fontsize=8)
   else:
     ks = [p["k"] for p in points]
