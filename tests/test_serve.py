@@ -219,6 +219,30 @@ def test_streaming_matches_non_streaming(served, client):
   assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_nothing_compiles_while_serving(served, client):
+  """After warm-up, requests of every offered k, short and multi-chunk prompts, greedy and sampled, streamed
+  or not, run without a single backend compilation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  compiles = []
+
+  def listener(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for k in KS:
+      for prompt in ("x", "word " * 70):  # one token; more than one prefill chunk
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, extra_body={"k": k})
+      client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0.7, top_p=0.5, seed=1,
+                                extra_body={"k": k, "top_k": 5})
+      list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          stream=True, extra_body={"k": k}))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, f"{len(compiles)} compilation(s) while serving"
+
+
 def test_sampling_is_seeded(served, client):
   kw = dict(model=MODEL, prompt="import os\n", max_tokens=12, temperature=1.0, top_p=0.9)
   a = client.completions.create(**kw, seed=3).choices[0].text
