@@ -15,7 +15,8 @@ VOCAB, B, T = 128, 2, 12
 
 def _models(**overrides):
   """Two configs with one parameter tree: the reference ('xla') and the fused path ('cudnn')."""
-  ref = config_lib.tiny("qwen3_moe", num_heads=4, num_kv_heads=2, attention_impl="xla", **overrides)  # GQA 2:1
+  ref = config_lib.tiny("qwen3_moe", num_layers=1, num_heads=4, num_kv_heads=2, attention_impl="xla",
+                       **overrides)  # GQA 2:1, one layer: compile time is the cost here
   fused = ref.replace(attention_impl="cudnn")
   params = models.init_params(ref, jax.random.PRNGKey(0))
   return ref, fused, params
@@ -26,15 +27,19 @@ def _tokens(seed=0):
 
 
 def test_fused_matches_reference_causal_padding_and_packing():
+  """One compiled forward per implementation, fed three masking cases (all-ones padding mask and one segment
+  is the plain causal case)."""
   ref, fused, params = _models()
   tokens = _tokens()
+  ones = jnp.ones((B, T), jnp.int32)
   left_pad = jnp.asarray([[0, 0, 0] + [1] * (T - 3), [1] * T], jnp.int32)
   segments = jnp.asarray([[1] * 5 + [2] * 4 + [3] * 3, [1] * 7 + [2] * 5], jnp.int32)
-  cases = {"causal": {}, "left_padding": {"attention_mask": left_pad}, "packed": {"segment_ids": segments}}
-  for name, kwargs in cases.items():
-    want, _ = jax.jit(lambda p, x: models.build(ref).apply({"params": p}, x, k=2, **kwargs))(params, tokens)
-    got, _ = jax.jit(lambda p, x: models.build(fused).apply({"params": p}, x, k=2, **kwargs))(params, tokens)
-    real = np.asarray(kwargs.get("attention_mask", jnp.ones((B, T)))).astype(bool)
+  cases = {"causal": (ones, ones), "left_padding": (left_pad, ones), "packed": (ones, segments)}
+  fwd = {cfg.attention_impl: jax.jit(lambda p, x, m, s, cfg=cfg: models.build(cfg).apply(
+      {"params": p}, x, k=2, attention_mask=m, segment_ids=s)[0]) for cfg in (ref, fused)}
+  for name, (mask, seg) in cases.items():
+    want, got = fwd["xla"](params, tokens, mask, seg), fwd["cudnn"](params, tokens, mask, seg)
+    real = np.asarray(mask).astype(bool)
     assert np.isfinite(np.asarray(got)).all(), name
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=2e-5, atol=2e-5, err_msg=name)
 
