@@ -9,3 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "gpu: needs a GPU (run with JAX_PLATFORMS=cuda); skipped elsewhere")
