@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -535,6 +537,13 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path):
   assert finish == ["length"] and tokens == 200 or finish == ["stop"] and tokens > 0, (finish, tokens)
   assert at_sigterm < len(events) - 2, "the stream had ended before the SIGTERM: nothing was in flight"
   assert "SIGTERM" in log_path.read_text()
+
+
+def test_cli_usage_errors_are_one_line_before_compiling():
+  result = subprocess.run([sys.executable, "-m", "phds_jax.serve", f"--checkpoint={DEMO}", "--ks=1,5"],
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "k_pre=4" in result.stderr and "Traceback" not in result.stderr and "compiled k=" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------ profile, benchmark

@@ -53,21 +53,20 @@ def serve(fv: flags.FlagValues = FLAGS) -> None:
 
   from phds_jax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top
   from phds_jax.eval import load_model  # pylint: disable=g-import-not-at-top
-  from phds_jax.serve.app import create_app  # pylint: disable=g-import-not-at-top
+  from phds_jax.serve.app import KPolicy, create_app  # pylint: disable=g-import-not-at-top
   from phds_jax.serve.profile import load_profile  # pylint: disable=g-import-not-at-top
   from phds_jax.serve.scheduler import Scheduler  # pylint: disable=g-import-not-at-top
 
   root = Path(fv.checkpoint)
-  tokenizer = ChatTokenizer.from_dir(str(root))
-  cfg, params, _ = load_model(str(root), dtype=fv.dtype)
-  ks = sorted({int(k) for k in fv.ks}) if fv.ks else list(range(1, cfg.k_pre + 1))
-  bad = [k for k in ks if not 1 <= k <= cfg.k_pre]
-  if bad:
-    raise app.UsageError(f"--ks {bad} outside [1, k_pre={cfg.k_pre}]")
-  default_k = fv.default_k if fv.default_k is not None else (cfg.k_pre if cfg.k_pre in ks else max(ks))
-  if default_k not in ks:
-    raise app.UsageError(f"--default_k={default_k} is not among --ks {ks}")
-  profile = load_profile(fv.profile) if fv.profile else None
+  try:  # every user error (missing files, bad profile, ks / default_k / profile that disagree) before compiling
+    profile = load_profile(fv.profile) if fv.profile else None
+    cfg, params, _ = load_model(str(root), dtype=fv.dtype)
+    tokenizer = ChatTokenizer.from_dir(str(root))
+    ks = sorted({int(k) for k in fv.ks}) if fv.ks else list(range(1, cfg.k_pre + 1))
+    default_k = fv.default_k if fv.default_k is not None else (cfg.k_pre if cfg.k_pre in ks else max(ks))
+    KPolicy(cfg.k_pre, tuple(ks), default_k, profile)
+  except (OSError, ValueError) as e:  # CheckpointError, ConfigError, ProfileError are ValueErrors
+    raise app.UsageError(f"{type(e).__name__}: {e}") from e
   max_len = fv.max_len or cfg.max_position_embeddings
   eos_ids = _eos_ids(root, tokenizer)
   logging.info("serving %s: %s, k_pre=%d, ks=%s (default %d), dtype %s, max_batch %d, max_len %d, eos %s",

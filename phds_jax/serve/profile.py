@@ -248,7 +248,10 @@ def run(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  doc = run(FLAGS)
+  try:
+    doc = run(FLAGS)
+  except (OSError, ValueError) as e:  # missing files, unusable results.json: one line, no traceback
+    raise app.UsageError(f"{type(e).__name__}: {e}") from e
   for p in doc["points"]:
     print(f"k={p['k']}: {p['batch_1']['p50_ms']:.3f} ms/token (p99 {p['batch_1']['p99_ms']:.3f}) at batch 1, "
           f"{p['batch_max']['p50_ms']:.3f} ms at batch {p['batch_max']['batch_size']}, accuracy {p['accuracy']}"
