@@ -1,6 +1,8 @@
 """Defaults shared by every training config; each config file overrides what differs.
 
-Values marked (paper) come from MoE-PHDS (arXiv 2509.23012, summarised with sources in docs/method.md); the rest are ours.
+Tags say where a value comes from (docs/method.md has the sources): (paper) the paper's abstract/text, (summary)
+a third-party summary of the paper, very likely from its tables, (review) its public reviews, (model card) the
+base model's public config, (inferred) our reading of those, (ours) a choice of this repository.
 """
 
 import ml_collections
@@ -14,23 +16,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(kind="hf", path=""))  # hf | orbax | scratch
   c.tokenizer_dir = ""  # default: init.path
   # ModelConfig overrides applied after loading: bf16 compute over fp32 master weights.
-  # gmm_impl / routing_impl: kernels (README, "Installing for GPU or TPU"); router_eps (paper: ε = 1e-6).
+  # gmm_impl / routing_impl: kernels (README, "Installing for GPU or TPU"); router_eps (summary: ε = 1e-6).
+  # router_lb_norm: 'k' = balance loss divided by the current k (ours, docs/method.md §1.5); 'hf' = transformers'
+  # form, k times larger, in which loss.lb_coef means what the model card's router_aux_loss_coef means.
   c.model = ml_collections.ConfigDict(dict(dtype="bfloat16", param_dtype="float32", gmm_impl="auto",
-                                           routing_impl="jax", router_eps=1e-6))
+                                           routing_impl="jax", router_eps=1e-6, router_lb_norm="k"))
   c.scratch_model = ml_collections.ConfigDict()  # ModelConfig fields, for init.kind == "scratch"
-  c.router_mode = "soft"  # (paper) soft top-k mask: static k_pre slots, ε past k
+  c.router_mode = "soft"  # (summary) soft top-k mask: static k_pre slots, ε past k
   c.schedule = ml_collections.ConfigDict(dict(
-      mode="curriculum",  # (paper) multi-k mixing, then anchored at a low k
-      k_train=(2, 3, 4), anchor=2,
-      switch_at=0.94,  # (paper) curriculum started at ~93.9% of one epoch
-      ramp=0.0,  # 0 = hard switch to the anchor (ours: the paper does not give the shape)
-      probs=(),  # () = uniform (paper)
-      granularity="microbatch"))  # the users' design; the paper says "each step" (use "step" for that reading)
-  c.loss = ml_collections.ConfigDict(dict(lb_coef=0.0, z_coef=0.0))  # (paper) no aux loss for public models
+      mode="curriculum",  # (paper) "mixes training across sparsity levels and anchors with a short curriculum"
+      k_train=(2, 3, 4), anchor=2,  # (summary) [2,3,4] for k_pre = 4; anchor: (inferred) k_pre/2, sweep it
+      # Where the anchor starts, in switch_unit: 'fraction' of num_steps, 'steps', or 'epochs' of the packed
+      # training split (counted from the data at start). (summary) ~93.9% of one epoch in the internal run.
+      switch_at=0.94, switch_unit="fraction",
+      ramp=0.0, ramp_unit="fraction",  # 0 = hard switch to the anchor (ours: the shape is not given)
+      probs=(),  # () = uniform (summary)
+      granularity="microbatch"))  # ours; "each step" (review) is granularity="step"
+  c.loss = ml_collections.ConfigDict(dict(lb_coef=0.0, z_coef=0.0))  # (summary) no aux loss for public models
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=2e-5, warmup_steps=20, decay="linear", final_lr_fraction=0.0,  # ours: Tülu-3 style SFT defaults
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0, freeze_router=False))
   c.num_steps = 1000
+  c.num_epochs = 0.0  # > 0: train this many epochs of the packed data instead (num_steps derived, printed)
   c.batch_size = 8  # global rows per optimizer step
   c.microbatches = 1  # gradient accumulation (one k per microbatch when granularity="microbatch")
   c.data = ml_collections.ConfigDict(dict(
@@ -43,6 +50,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.resume = ml_collections.ConfigDict(dict(allow_changes=()))
   c.max_nonfinite_in_a_row = 1  # updates with a non-finite loss/gradient are skipped; stop after this many in a row
   c.eval = ml_collections.ConfigDict(dict(every_steps=200, batches=8, ks=()))  # ks () = 1..k_pre ∪ K_train
+  # Checkpoint selection (training/protocol.py, docs/method.md §1.7): scored every eval.every_steps after the
+  # burn-in; signal 'mc' = accuracy on a validation MC task (summary: the paper's, after 5,000 steps),
+  # 'loss' = held-out SFT loss; rule 'best_at_kpre' (summary) or 'mean_over_k' over K_train (review);
+  # export 'selected' exports the chosen step instead of the last (ours: 'final' keeps the old behaviour).
+  c.select = ml_collections.ConfigDict(dict(signal="loss", task="", limit=0, batch_size=16, rule="best_at_kpre",
+                                            burn_in_steps=0, export="final", log_ks=()))
   c.final_eval = ml_collections.ConfigDict(dict(tasks=(), limit=0, batch_size=16))  # MC tasks per k at the end
   c.export = ml_collections.ConfigDict(dict(hf=True, orbax=True))
   c.peak_tflops = 0.0  # per-device peak for MFU (0 = look up by device kind)

@@ -132,3 +132,57 @@ def histogram(s: KSchedule, steps: Sequence[int], num_microbatches: int) -> dict
     for k in ks_for_step(s, step, num_microbatches):
       counts[k] += 1
   return counts
+
+
+# ------------------------------------------------------------------------------ units of the curriculum window
+
+UNITS = ("fraction", "steps", "epochs")
+
+
+def to_fraction(value: float, unit: str, total_steps: int, steps_per_epoch: float | None) -> float:
+  """A point of training given in `unit` as a fraction of `total_steps` (what KSchedule holds).
+
+  'fraction': of all steps (as KSchedule); 'steps': an optimizer-step count; 'epochs': a number of passes over
+  the packed training split (the paper's timing is "~93.9% of one epoch", docs/method.md §1.3).
+  """
+  if unit not in UNITS:
+    raise ScheduleError(f"unit {unit!r} is not one of {UNITS}")
+  if value < 0:
+    raise ScheduleError(f"{value} {unit} is negative")
+  if unit == "fraction":
+    return float(value)
+  steps = float(value) if unit == "steps" else float(value) * _need_epoch(steps_per_epoch)
+  return min(steps / total_steps, 1.0)
+
+
+def _need_epoch(steps_per_epoch: float | None) -> float:
+  if not steps_per_epoch or steps_per_epoch <= 0:
+    raise ScheduleError("an epoch-based value needs the steps per epoch of the packed training data")
+  return float(steps_per_epoch)
+
+
+def num_steps_for(num_steps: int, num_epochs: float, steps_per_epoch: float | None) -> int:
+  """Training length: `num_epochs` passes over the packed data when > 0 (rounded up), else `num_steps`."""
+  if num_epochs and num_epochs > 0:
+    return max(1, int(np.ceil(num_epochs * _need_epoch(steps_per_epoch))))
+  return int(num_steps)
+
+
+def derivation(*, rows_per_epoch: int | None, batch_size: int, num_steps: int, num_epochs: float,
+               switch_at: float, switch_unit: str, ramp: float, ramp_unit: str, mode: str) -> str:
+  """One paragraph saying how the step counts were obtained (printed at the start of training)."""
+  spe = None if rows_per_epoch is None else rows_per_epoch / batch_size
+  parts = []
+  if spe is not None:
+    parts.append(f"one epoch = {rows_per_epoch} packed rows / batch {batch_size} = {spe:.1f} steps")
+  if num_epochs and num_epochs > 0:
+    parts.append(f"num_epochs {num_epochs:g} -> num_steps {num_steps}")
+  else:
+    parts.append(f"num_steps {num_steps}" + (f" = {num_steps / spe:.2f} epochs" if spe else ""))
+  if mode == "curriculum":
+    start = to_fraction(switch_at, switch_unit, num_steps, spe)
+    width = to_fraction(ramp, ramp_unit, num_steps, spe)
+    parts.append(f"curriculum from step {start * num_steps:.0f} ({switch_at:g} {switch_unit}"
+                 + (f" = {start * num_steps / spe:.3f} epochs" if spe else "") + ")"
+                 + (f", ramp over {width * num_steps:.0f} steps" if width else ", hard switch to the anchor"))
+  return "; ".join(parts)

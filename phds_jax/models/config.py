@@ -33,6 +33,7 @@ ModelType = Literal["olmoe", "qwen2_moe", "qwen3_moe"]
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("olmoe", "qwen2_moe", "qwen3_moe")
 GMM_IMPLS: tuple[str, ...] = ("auto", "tokamax", "pallas", "jax", "ragged_dot", "dense")  # = kernels.IMPLS
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")  # see models.attention.attention_impl_for
+LB_NORMS: tuple[str, ...] = ("k", "hf")  # balance loss divided by k (ours) or transformers' form, see router.route
 ROUTING_IMPLS: tuple[str, ...] = ("jax", "pallas")  # see models.router and kernels.pallas_permute
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -69,6 +70,8 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   # PHDS: weight given to slots ranked in (k, k_pre] by the soft router (paper §1.4).
   router_eps: float = 1e-6
+  # Load-balance loss normalisation: 'k' (ours, divided by the current k) or 'hf' (transformers' form).
+  router_lb_norm: str = "k"
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   gmm_impl: str = "auto"  # grouped-matmul implementation, see phds_jax.kernels.gmm
@@ -124,6 +127,7 @@ def validate(cfg: ModelConfig) -> None:
   need(cfg.qk_norm in ("none", "full", "per_head"), f"qk_norm {cfg.qk_norm!r}")
   need(cfg.shared_ffn >= 0, "shared_ffn must be >= 0")
   need(0.0 <= cfg.router_eps < 1.0, f"router_eps {cfg.router_eps} must be in [0, 1)")
+  need(cfg.router_lb_norm in LB_NORMS, f"router_lb_norm {cfg.router_lb_norm!r} is not one of {LB_NORMS}")
   need(cfg.dtype in _DTYPES and cfg.param_dtype in _DTYPES,
        f"dtype/param_dtype must be in {_DTYPES}, got {cfg.dtype}/{cfg.param_dtype}")
   need(cfg.gmm_impl in GMM_IMPLS, f"gmm_impl {cfg.gmm_impl!r} is not one of {GMM_IMPLS}")

@@ -28,7 +28,7 @@ class MoeBlock(nn.Module):
     token_mask_T = None if token_mask_BxT is None else token_mask_BxT.reshape(b * t)
     routing = router_lib.route(logits_TxE, k=k, k_pre=cfg.k_pre, mode=mode, eps=cfg.router_eps,
                                norm_topk_prob=cfg.norm_topk_prob, token_mask_T=token_mask_T,
-                               impl=cfg.routing_impl)
+                               impl=cfg.routing_impl, lb_norm=cfg.router_lb_norm)
     wi = self.param("wi", kernel_init, (e, d, 2 * f), cfg.weight_dtype).astype(cfg.compute_dtype)
     wo = self.param("wo", kernel_init, (e, f, d), cfg.weight_dtype).astype(cfg.compute_dtype)
     x_TxD = x_TxD.astype(cfg.compute_dtype)

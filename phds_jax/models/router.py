@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from phds_jax.kernels.pallas_routing import route_pallas
-from phds_jax.models.config import ROUTING_IMPLS
+from phds_jax.models.config import LB_NORMS, ROUTING_IMPLS
 
 RouterMode = Literal["hard", "soft"]
 ROUTER_MODES: tuple[str, ...] = ("hard", "soft")
@@ -99,7 +99,7 @@ _select_fused.defvjp(_select_fused_fwd, _select_fused_bwd)
 
 def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard",
           eps: float = 1e-6, norm_topk_prob: bool = False,
-          token_mask_T: jax.Array | None = None, impl: str = "jax") -> Routing:
+          token_mask_T: jax.Array | None = None, impl: str = "jax", lb_norm: str = "k") -> Routing:
   """Turns router logits into a static-shape top-k routing at level ``k``.
 
   Args:
@@ -111,7 +111,12 @@ def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard
     norm_topk_prob: renormalise the kept weights to sum to one (Qwen3-MoE; not OLMoE/Qwen1.5).
     token_mask_T: 1 for real tokens, 0 for padding; padding is excluded from the aux statistics.
     impl: 'jax' or 'pallas' (the fused selection kernel; same results, see module docstring).
+    lb_norm: 'k' divides the balance loss by k (1 at perfect balance for every k, so a k curriculum does not
+      rescale it; ours, docs/method.md §1.5); 'hf' is transformers' OLMoE/Qwen form, k times larger, so
+      `lb_coef` means what `router_aux_loss_coef` means there.
   """
+  if lb_norm not in LB_NORMS:
+    raise ValueError(f"lb_norm {lb_norm!r} is not one of {LB_NORMS}")
   if impl not in ROUTING_IMPLS:
     raise ValueError(f"router impl {impl!r} is not one of {ROUTING_IMPLS}")
   num_tokens, num_experts = logits_TxE.shape
@@ -135,7 +140,10 @@ def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard
     expert_load_E = jnp.einsum("tse,t->e", one_hot_TxSxE, token_mask_T)
   frac_tokens_E = expert_load_E / n_tokens  # sums to k
   mean_prob_E = jnp.einsum("te,t->e", probs_TxE, token_mask_T) / n_tokens
-  # Switch-style balance loss E * sum_e f_e P_e, divided by k: equals 1 at perfect balance for every k.
-  lb_loss = num_experts * jnp.sum(frac_tokens_E * mean_prob_E) / k
+  # Switch-style balance loss E * sum_e f_e P_e (transformers' form, = k at perfect balance); divided by k
+  # by default so that it equals 1 at perfect balance for every k.
+  lb_loss = num_experts * jnp.sum(frac_tokens_E * mean_prob_E)
+  if lb_norm == "k":
+    lb_loss = lb_loss / k
   z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * token_mask_T) / n_tokens
   return Routing(weights_TxS, experts_TxS.astype(jnp.int32), lb_loss, z_loss, expert_load_E)

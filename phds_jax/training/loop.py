@@ -28,7 +28,7 @@ from phds_jax import checkpoint as params_ckpt
 from phds_jax import data as data_lib
 from phds_jax import cli, hf, models, parallel, paths, schedule
 from phds_jax.models import router as router_lib
-from phds_jax.training import observe, optimizer, resume, step as step_lib
+from phds_jax.training import observe, optimizer, protocol, resume, step as step_lib
 from phds_jax.training.checkpointing import RunCheckpointer
 from phds_jax.training.validation import TrainConfigError, validate_config
 
@@ -46,6 +46,7 @@ class RunResult:
   accuracy_by_k: dict[str, dict[int, float]]  # final_eval task -> k -> primary metric
   hf_dir: str | None
   orbax_dir: str | None
+  selected_step: int | None = None  # the step protocol.Selector chose (exported with select.export='selected')
 
 
 def load_init(config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[models.ModelConfig, Any]:
@@ -156,6 +157,8 @@ def _resume_check(config, ckpt: RunCheckpointer) -> tuple[dict | None, dict]:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointer, is_main: bool) -> RunResult:
+  config, units = protocol.resolve_for_run(config)  # epochs / steps -> the step counts used below
+  logging.info("schedule: %s", units)
   saved_meta, changes = _resume_check(config, ckpt)
   rng = jax.random.PRNGKey(config.seed)
   sched = k_schedule(config)
@@ -190,7 +193,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
 
     # The config travels with every checkpoint; the schedule needs no state beyond the step (k is a pure
     # function of seed and step), so step + config restore it exactly.
-    meta = {"k_histogram": {}, "best_val_loss": None}
+    selector = protocol.Selector(config, model_cfg, tokenizer_dir, sched.k_train)
+    meta = {"k_histogram": {}}
     start = 0
     if ckpt.all_steps():
       found = ckpt.restore_latest_good(state, train_iter)
@@ -199,6 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
         saved_meta, changes = None, {}
       else:
         start, state, meta = found
+        selector.restore(meta)
     meta["config"] = resume.plain(config)
     if saved_meta and "num_steps" in changes:
       old_tx_lr = optimizer.learning_rate_schedule(
@@ -251,6 +256,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
           val = heldout_losses(eval_fn, state.params, heldout, eval_ks)
           record.update({f"val_loss_k{k}": v for k, v in val.items()})
           record["val_loss"] = float(np.mean(list(val.values())))
+        best = False
+        if selector.due(done):
+          fields = selector.score(state.params, val)
+          record.update(fields)
+          best = selector.update(done, fields)
         log.step(record, ks, np.asarray(metrics["nll_sum_M"]), tokens_m, float(tokens_m.sum()), flops_tok, peak)
         if in_a_row >= max_in_a_row:
           ckpt.finish()
@@ -262,9 +272,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
               fix="lower optimizer.lr or raise optimizer.clip / check the data; re-running resumes from it "
                   "(with --config.resume.allow_changes=optimizer.lr for a new lr), or raise "
                   "max_nonfinite_in_a_row to skip more such steps")
-        if done % config.checkpoint.every_steps == 0 or done == config.num_steps:
-          if val is not None and (meta.get("best_val_loss") is None or record["val_loss"] < meta["best_val_loss"]):
-            meta["best_val_loss"], meta["best_step"] = record["val_loss"], done
+        if done % config.checkpoint.every_steps == 0 or done == config.num_steps or best:
+          meta.update(selector.meta(), best_step=selector.best_step)  # the selected step is always kept
           meta["k_histogram"] = {str(k): v for k, v in k_hist.items()}
           meta["skipped_updates"] = int(state.skipped)
           ckpt.save(done, state, train_iter, dict(meta), best_step=meta.get("best_step"))
@@ -276,11 +285,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
     finally:
       log.close()
 
+    final_step = max(int(state.step), start)
+    exported_step = final_step
+    if config.select.export == "selected" and selector.best_step not in (None, final_step):
+      state, _ = ckpt._read_verified(selector.best_step, state, None)  # pylint: disable=protected-access
+      exported_step = selector.best_step
     final = heldout_losses(eval_fn, state.params, heldout, eval_ks) if heldout else {}
   hf_dir = orbax_dir = None
-  final_step = max(int(state.step), start)
   if is_main:
     _write_data_stats(workdir, stats, start, final_step)
+    selector.write(workdir, exported_step)
     params_host = jax.device_get(state.params)
     if config.export.orbax:
       orbax_dir = str(params_ckpt.save_params(paths.join(workdir, "final", "orbax"), model_cfg, params_host,
@@ -295,7 +309,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
                  last_saved, int(state.skipped))
   else:
     accuracy = {}
-  return RunResult(workdir, final_step, final, k_hist, accuracy, hf_dir, orbax_dir)
+  return RunResult(workdir, final_step, final, k_hist, accuracy, hf_dir, orbax_dir, selector.best_step)
 
 
 def _export_hf(out: str, model_cfg, params_host, tokenizer_dir: str) -> str:

@@ -192,8 +192,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _need(expected is None or expected == model_type,
         f"init checkpoint is {model_type!r} but the config is for {expected!r}")
   s = config.schedule
+  # switch_at / ramp in 'steps' or 'epochs' are checked when training/protocol.py resolves them from the data.
+  fraction = lambda v, unit: v if s.get(unit, "fraction") == "fraction" else 0.0
   sched = schedule.KSchedule(
-      k_train=tuple(s.k_train), mode=s.mode, anchor=s.get("anchor") or None, switch_at=s.switch_at, ramp=s.ramp,
+      k_train=tuple(s.k_train), mode=s.mode, anchor=s.get("anchor") or None,
+      switch_at=fraction(s.switch_at, "switch_unit"), ramp=fraction(s.ramp, "ramp_unit"),
       probs=tuple(s.probs) if s.get("probs") else None, total_steps=config.num_steps, granularity=s.granularity)
   try:
     schedule.validate(sched, int(k_pre))
@@ -213,5 +216,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _need(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1,
         "checkpoint.every_steps and checkpoint.keep must be >= 1")
   _check_eval(config, int(k_pre))
+  if "select" in config:
+    from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top  (it imports this module)
+    protocol.validate_select(config)
   allowed = config.get("resume", {}).get("allow_changes", ())
   _need(isinstance(allowed, (tuple, list, str)), f"resume.allow_changes={allowed!r} must be field names")
