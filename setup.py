@@ -32,8 +32,8 @@ EXTRAS_REQUIRE = {
     # transformers + CPU torch are only the independent reference of the tests; the library never imports them.
     # torch is pinned: pip takes the CPU wheel; a looser range pulls a multi-GB CUDA build.
     "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6",
-             "openai>=3.57", "httpx>=0.28",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]  # tests/test_notebooks.py runs colab/,  # the server's tests and benchmarks/serve_load are its clients
+             "openai>=3.57", "httpx>=0.28",  # the server's tests and benchmarks/serve_load are its clients
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],  # tests/test_notebooks.py runs colab/
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
 }
