@@ -438,10 +438,11 @@ def test_queue_full_is_429_with_retry_after(served):
   try:
     with engine_paused(scheduler):
       with pytest.raises(QueueFull):
-        for _ in range(MAX_QUEUE + 1):
+        # The paused request holds one slot; the free ones admit at the next step, then the queue fills.
+        for _ in range(MAX_BATCH - 1 + MAX_QUEUE + 1):
           handles.append(scheduler.submit([5, 6, 7], k=1, sampling=SamplingParams(max_new_tokens=4),
                                           listener=lambda event: None))
-      assert len(handles) == MAX_QUEUE
+      assert len(handles) == MAX_BATCH - 1 + MAX_QUEUE
       response = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})
       assert response.status_code == 429, response.text
       assert int(response.headers["retry-after"]) >= 1

@@ -37,6 +37,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
   flags.DEFINE_integer("max_len", None, "Longest prompt + completion in tokens (default: the model's "
                        "max_position_embeddings).", **kw)
   flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get 429.", **kw)
+  flags.DEFINE_integer("steps_per_call", 1, "Tokens each decode dispatch generates per slot (fed back on the "
+                       "device): more amortises dispatch on GPUs, but tokens stream in bursts and new requests "
+                       "wait up to that many steps for a slot.", lower_bound=1, **kw)
   flags.DEFINE_string("profile", None, "pareto.json from `python -m phds_jax.serve.profile`: enables "
                       "latency_budget_ms.", **kw)
   flags.DEFINE_string("model_name", None, "Model id clients send (default: the checkpoint directory's name).",
@@ -73,7 +76,7 @@ def serve(fv: flags.FlagValues = FLAGS) -> None:
                root, cfg.model_type, cfg.k_pre, ks, default_k, fv.dtype, fv.max_batch, max_len, eos_ids)
 
   scheduler = Scheduler(cfg, params, ks=tuple(ks), max_batch=fv.max_batch, max_len=max_len,
-                        max_queue=fv.max_queue, eos_ids=eos_ids)
+                        max_queue=fv.max_queue, eos_ids=eos_ids, steps_per_call=fv.steps_per_call)
   start = time.perf_counter()
   scheduler.warmup()
   logging.info("compiled every offered k in %.1f s", time.perf_counter() - start)

@@ -51,6 +51,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter and compute dtype: "
                     "use the one the server will run.", **kw)
   flags.DEFINE_integer("max_batch", 8, "The second batch size timed (the server's --max_batch).", **kw)
+  flags.DEFINE_integer("steps_per_call", 1, "Tokens per decode dispatch (the server's --steps_per_call).",
+                       lower_bound=1, **kw)
   flags.DEFINE_integer("context_len", 128, "Tokens in the cache while decoding.", **kw)
   flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per repeat.", **kw)
   flags.DEFINE_integer("repeats", 3, "Repeats (samples = repeats x new_tokens).", **kw)
@@ -136,7 +138,7 @@ def _stats(ms: Any, batch_size: int) -> dict[str, float]:
 
 
 def measure(cfg: Any, params: Any, ks: Sequence[int], *, max_batch: int, context_len: int, new_tokens: int,
-            repeats: int) -> list[dict[str, Any]]:
+            repeats: int, steps_per_call: int = 1) -> list[dict[str, Any]]:
   """Per-token latency of each k at batch 1 and at `max_batch` (the server's decode step)."""
   from phds_jax.serve.engine import time_decode  # pylint: disable=g-import-not-at-top
   points = []
@@ -144,7 +146,7 @@ def measure(cfg: Any, params: Any, ks: Sequence[int], *, max_batch: int, context
     point: dict[str, Any] = {"k": k}
     for name, batch in (("batch_1", 1), ("batch_max", max_batch)):
       ms = time_decode(cfg, params, k=k, batch_size=batch, context_len=context_len, new_tokens=new_tokens,
-                       repeats=repeats)
+                       repeats=repeats, steps_per_call=steps_per_call)
       point[name] = ({"batch_size": batch} if name == "batch_max" else {}) | _stats(ms, batch)
     logging.info("k=%d: %s ms/token at batch 1, %s at batch %d", k, point["batch_1"]["p50_ms"],
                  point["batch_max"]["p50_ms"], max_batch)
@@ -232,9 +234,9 @@ def run(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
   if accuracy is not None and not set(ks) & set(accuracy):
     raise ProfileError(f"{fv.eval_results}: no accuracy for any of k {ks} (evaluated: {sorted(accuracy)})")
   settings = {"context_len": fv.context_len, "new_tokens": fv.new_tokens, "repeats": fv.repeats,
-              "max_batch": fv.max_batch}
+              "max_batch": fv.max_batch, "steps_per_call": fv.steps_per_call}
   points = measure(cfg, params, ks, max_batch=fv.max_batch, context_len=fv.context_len,
-                   new_tokens=fv.new_tokens, repeats=fv.repeats)
+                   new_tokens=fv.new_tokens, repeats=fv.repeats, steps_per_call=fv.steps_per_call)
   doc = build(cfg, points, checkpoint=str(Path(fv.checkpoint).absolute()), dtype=fv.dtype, settings=settings,
               accuracy=accuracy, source=source)
   out = Path(fv.out)

@@ -148,8 +148,9 @@ class Scheduler:
     with self._cond:
       if not self._accepting:
         raise ShuttingDown("the server is shutting down")
-      if len(self._waiting) >= self.max_queue:
-        raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+      free_slots = sum(r is None for r in self._slots)  # admitted at the next step, so not queueing
+      if len(self._waiting) >= self.max_queue + free_slots:
+        raise QueueFull(f"{len(self._waiting)} requests are already waiting for {self.max_batch} busy slots")
       request = _Request(next(self._ids), list(map(int, prompt)), k, sampling, listener)
       self._waiting.append(request)
       self._cond.notify_all()
