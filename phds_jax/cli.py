@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import sys
+import threading
 from typing import Any, Callable, Iterable, Sequence
 
 from absl import app, flags
@@ -46,7 +48,7 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
 
 def format_user_error(err: BaseException) -> str:
   fix = getattr(err, "fix", None)
-  text = f"error: {err}"
+  text = f"error: {_first_line(str(err), 2000)}"
   return text + (f"\nfix: {fix}" if fix else "")
 
 
@@ -117,11 +119,38 @@ def _exit_user_error(user_err: BaseException, argv: Sequence[str], cause: BaseEx
   sys.exit(EXIT_USER_ERROR)
 
 
+class ConciseLibraryErrors(logging.Filter):
+  """Library error logs keep their first line but lose their traceback (a failed save logs one per thread);
+  phds_jax's own records, and everything under --debug, are untouched."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and "phds_jax" not in record.pathname:
+      record.msg, record.args = _first_line(record.getMessage()), None
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _first_line(text: str, limit: int = 400) -> str:
+  line = text.strip().splitlines()[0] if text.strip() else ""
+  return line[:limit] + (" ..." if len(line) > limit else "")
+
+
+def _concise_thread_error(args: threading.ExceptHookArgs) -> None:
+  """A library's background thread that dies (e.g. Orbax's writer after a failed save) gets one line."""
+  name = args.thread.name if args.thread is not None else "?"
+  print(f"warning: background thread {name}: {args.exc_type.__name__}: {_first_line(str(args.exc_value))}",
+        file=sys.stderr)
+
+
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
   """`absl.app.run(main)` with user errors reported as one line and exit code 2 (`--debug`: traceback)."""
   argv = list(sys.argv if argv is None else argv)
 
   def guarded(args):
+    if not _debug_requested(argv):
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(ConciseLibraryErrors())
+      threading.excepthook = _concise_thread_error
     try:
       return main(args)
     except user_error_types() as e:  # pylint: disable=catching-non-exception

@@ -126,7 +126,17 @@ class _QuietPartialRestore(logging.Filter):
     return "but could not be restored" not in record.getMessage()
 
 
+class _QuietFailedWrites(logging.Filter):
+  """A failed save (disk full) leaves one 'exception was never retrieved' traceback per array in Orbax's event
+  loop; CheckpointSaveError already reports the first one, with the step and what survived."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not ("exception was never retrieved" in msg and "orbax-checkpoint-tmp" in msg)
+
+
 logging.getLogger("absl").addFilter(_QuietPartialRestore())
+logging.getLogger("asyncio").addFilter(_QuietFailedWrites())
 
 
 class RunCheckpointer:
@@ -170,8 +180,8 @@ class RunCheckpointer:
   def _save_error(self, step: int, err: Exception) -> CheckpointSaveError:
     good = sorted(self.good | set(self.all_steps()) - {step})
     return CheckpointSaveError(
-        f"saving checkpoint step {step} in {self.directory} failed: {type(err).__name__}: {err}. "
-        f"Older checkpoints are untouched (newest: {good[-1] if good else 'none'})",
+        f"saving checkpoint step {step} in {self.directory} failed; older checkpoints are untouched (newest: "
+        f"{good[-1] if good else 'none'}). Cause: {type(err).__name__}: {_short(err)}",
         fix="free disk space / fix permissions, then re-run the same command to resume")
 
   def finish(self) -> None:
@@ -233,7 +243,7 @@ class RunCheckpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       saved = restored["manifest"]
     except Exception as e:  # pylint: disable=broad-except
-      raise BadCheckpoint(f"unreadable: {type(e).__name__}: {_first_line(e)}") from e
+      raise BadCheckpoint(f"unreadable: {type(e).__name__}: {_short(e)}") from e
     if not saved or "arrays" not in saved:
       raise BadCheckpoint("no manifest (not written by this version, or damaged)")
     try:
@@ -265,7 +275,7 @@ class RunCheckpointer:
       try:
         saved = self.saved_shapes(step)
       except Exception as e:  # pylint: disable=broad-except
-        self._report_bad(step, f"unreadable metadata: {type(e).__name__}: {_first_line(e)}")
+        self._report_bad(step, f"unreadable metadata: {type(e).__name__}: {_short(e)}")
         continue
       diff = shape_differences(saved, target_state)
       if diff:
@@ -288,6 +298,11 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _short(err: BaseException) -> str:
+  """The error's first line without TensorStore's spec dump."""
+  return _first_line(err).split(" [tensorstore_spec=")[0]
 
 
 def _first_line(err: BaseException) -> str:
