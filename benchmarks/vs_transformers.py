@@ -81,7 +81,18 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--low_k", type=int, default=2, help="the k whose time is compared with k_pre's")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--layers", type=int, default=SIZES["num_hidden_layers"])
+  parser.add_argument("--threads", type=int, default=0,
+                      help="1: both frameworks single-threaded (per-core efficiency; far steadier than the "
+                           "default when other jobs share the machine). Must precede jax's first use.")
   args = parser.parse_args(argv)
+  if args.threads == 1:
+    if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+      raise RuntimeError("--threads 1 must be set before jax initialises its CPU backend")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
+    torch.set_num_threads(1)
+  elif args.threads:
+    raise ValueError("--threads: 0 (defaults) or 1")
 
   torch.manual_seed(0)
   config = hf_config(args.family)
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None):
   print(f"# {machine()} | torch {torch.__version__} ({torch.get_num_threads()} threads) | "
         f"transformers {transformers.__version__}")
   print(f"# {args.family}: {cfg.num_layers} layers, d={cfg.hidden_size}, E={cfg.num_experts}, k_pre={k_pre}, "
-        f"batch={args.batch} x seq={args.seq_len}, fp32; repeats interleaved jax/torch, median of {args.repeats}")
+        f"batch={args.batch} x seq={args.seq_len}, fp32; repeats interleaved jax/torch, median of {args.repeats}"
+        f"{'; both single-threaded' if args.threads == 1 else ''}")
   print(f"{'k':>3} {'jax ms':>9} {'torch ms':>9} {'torch/jax':>10} {'GFLOP':>7} {'jax GF/s':>9} {'torch GF/s':>11} "
         f"{'max |dlogit|':>13}")
   rows = {}
