@@ -82,8 +82,9 @@ def compare_manifests(saved: dict[str, Any], restored: dict[str, Any]) -> str | 
   """None if they match, else the first difference in words (only names present in both are compared)."""
   a, b = saved.get("arrays", {}), restored.get("arrays", {})
   common = sorted(set(a) & set(b))
-  if not common:
-    return "no array of the manifest could be compared (different sharding?)" if a else None
+  if not common:  # another process's shards (multi-host) or another sharding: nothing comparable here
+    logging.warning("checkpoint manifest: no array comparable on this process; restored without a checksum check")
+    return None
   for name in common:
     for field in ("shape", "dtype", "crc32"):
       if a[name][field] != b[name][field]:
@@ -258,8 +259,8 @@ class RunCheckpointer:
     """Moves a bad step out of the checkpoint folder (kept for inspection, never listed again)."""
     src = self._step_dir(step)
     dst = epath.Path(self.bad_dir) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.exists():
+    if jax.process_index() == 0 and src.exists():  # one mover on shared storage; all hosts decide alike
+      dst.parent.mkdir(parents=True, exist_ok=True)
       src.rename(dst)
       (dst / "WHY.txt").write_text(reason + "\n")
     self.manager.reload()
