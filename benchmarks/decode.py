@@ -1,6 +1,6 @@
 r"""Decode latency per k: ours (gathered-weights and grouped MoE paths) vs the weight-read floor vs transformers.
 
-    python -m benchmarks.decode                          # CPU: a small OLMoE layout, fp32, batch 1 and 16
+    python -m benchmarks.decode                          # CPU: a small OLMoE layout, fp32, batch 1 and 64
     python -m benchmarks.decode --preset=olmoe --batch 1 64 --dtype=bfloat16     # GPU: OLMoE-1B-7B shape
 
 Per k it prints ms per decoded token of the server's own step (engine.decode_step_fn, per-row cache, greedy)
@@ -126,7 +126,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
-  parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 1 16 on CPU, 1 64 elsewhere")
+  parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
   parser.add_argument("--context", type=int, default=512)
   parser.add_argument("--new_tokens", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=2)
@@ -135,7 +135,7 @@ def main():
   args = parser.parse_args()
   cpu = jax.default_backend() == "cpu"
   dtype = args.dtype or ("float32" if cpu else "bfloat16")
-  batches = args.batch or ([1, 16] if cpu else [1, 64])
+  batches = args.batch
 
   cfg, params, torch_model = build(args.preset, dtype, with_torch=not args.no_torch)
   ks = args.ks or list(range(1, cfg.k_pre + 1))
