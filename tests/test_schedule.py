@@ -76,3 +76,63 @@ def test_custom_probs_and_fixed():
 def test_validation_errors(kwargs, match):
   with pytest.raises(schedule.ScheduleError, match=match):
     schedule.validate(schedule.KSchedule(**kwargs), k_pre=8)
+
+
+# ------------------------------------------------------------------ units: steps / epochs of the packed data
+
+
+def test_switch_point_in_steps_epochs_or_fraction():
+  assert schedule.to_fraction(0.9, "fraction", 100, None) == 0.9
+  assert schedule.to_fraction(90, "steps", 120, None) == 0.75
+  # The paper's "93.9% of one epoch" with 28.25 steps per epoch and 3 epochs of training (85 steps).
+  assert schedule.num_steps_for(1000, 3, 28.25) == 85
+  assert schedule.to_fraction(0.939, "epochs", 85, 28.25) == pytest.approx(0.939 * 28.25 / 85)
+  assert schedule.to_fraction(5, "epochs", 85, 28.25) == 1.0  # past the end: clipped
+  assert schedule.num_steps_for(1000, 0, None) == 1000  # num_epochs 0: num_steps as given
+  with pytest.raises(schedule.ScheduleError, match="steps per epoch"):
+    schedule.to_fraction(0.5, "epochs", 100, None)
+  with pytest.raises(schedule.ScheduleError, match="unit"):
+    schedule.to_fraction(0.5, "tokens", 100, None)
+
+
+def test_resolve_units_counts_the_packed_epoch_and_states_the_derivation():
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.num_epochs = 2
+  c.schedule.update(dict(switch_at=1.5, switch_unit="epochs", ramp=4, ramp_unit="steps"))
+  tok = data_lib.ChatTokenizer.from_dir(c.init.path)
+  rows = protocol.count_packed_rows(c, tok)
+  # Packing first-fit into 128-token rows holds several chats per row: fewer rows than training records.
+  records = sum(1 for _ in open(c.data.path)) * (1 - c.data.validation_fraction)
+  assert 0 < rows < records
+  out, text = protocol.resolve_units(c, tok, rows_per_epoch=rows)
+  spe = rows / c.batch_size
+  assert out.num_steps == int(np.ceil(2 * spe)) and out.num_epochs == 0
+  assert out.schedule.switch_at == pytest.approx(1.5 * spe / out.num_steps) and out.schedule.switch_unit == "fraction"
+  assert out.schedule.ramp == pytest.approx(4 / out.num_steps)
+  assert f"{rows} packed rows" in text and f"num_steps {out.num_steps}" in text and "1.5 epochs" in text
+  assert c.num_epochs == 2  # the caller's config is untouched
+  c.schedule.switch_unit = "weeks"
+  with pytest.raises(ValueError, match="switch_unit"):
+    protocol.resolve_units(c, tok, rows_per_epoch=rows)
+
+
+# ----------------------------------------------------------------- load-balance loss normalisation
+
+
+def test_lb_loss_normalisation_by_k_or_hf_form():
+  """Ours divides by k, so a perfectly balanced router scores 1 at every k (a k curriculum does not rescale
+  the aux loss); 'hf' is transformers' OLMoE/Qwen form, k times larger."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from phds_jax.models import router  # pylint: disable=g-import-not-at-top
+  logits = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
+  for k in (1, 2, 4):
+    ours = router.route(logits, k=k, k_pre=4, mode="soft").lb_loss
+    hf_form = router.route(logits, k=k, k_pre=4, mode="soft", lb_norm="hf").lb_loss
+    assert float(hf_form) == pytest.approx(k * float(ours), rel=1e-6)
+  uniform = router.route(np.zeros((16, 8), np.float32), k=2, k_pre=4, mode="hard")  # equal probabilities
+  assert float(uniform.lb_loss) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="lb_norm"):
+    router.route(logits, k=2, k_pre=4, lb_norm="sum")

@@ -3,7 +3,11 @@
 Uncertainty is over both sources the paper's single-run tables leave out: training seeds and test items. A
 two-level bootstrap resamples seeds (with replacement, within each method) and items (with replacement, the
 same items for every method in a comparison, so item difficulty cancels in differences). Intervals are 95%
-percentile intervals; p-values are the bootstrap sign test of `metrics.paired_bootstrap`.
+percentile intervals (90% ones too, for equivalence tests: TOST at α = 0.05 is the 90% CI inside ±δ);
+p-values are the bootstrap sign test of `metrics.paired_bootstrap`.
+
+Several tasks are pooled with per-item `weights` (1 / the item's task size): the weighted mean is then the
+average of per-task accuracies, the paper's "average over tasks", and resampling items resamples every task.
 
 A `Run` is one (method, seed) scored with one selection rule:
   {"method": str, "seed": int, "k_pre": int, "correct": {k: {item_id: 0/1}}, "pred": {k: {item_id: choice}}}
@@ -65,13 +69,21 @@ def _seed_means(mat: np.ndarray, seed_idx: np.ndarray) -> np.ndarray:
   return mat[seed_idx].mean(axis=1)
 
 
+def weighted_mean(mat: np.ndarray, weights: np.ndarray | None) -> float:
+  """Mean of a [seeds, items] matrix, items weighted (None: plain mean)."""
+  mat = np.atleast_2d(np.asarray(mat, np.float64)).mean(axis=0)
+  return float(mat.mean() if weights is None else np.sum(mat * weights) / np.sum(weights))
+
+
 def hier_bootstrap(a: np.ndarray, b: np.ndarray | None = None, *, n_boot: int = M.N_BOOT,
-                   confidence: float = 0.95, seed: int = 0, same_runs: bool = False) -> dict[str, float]:
+                   confidence: float = 0.95, seed: int = 0, same_runs: bool = False,
+                   weights: np.ndarray | None = None) -> dict[str, float]:
   """Mean of a [seeds, items] (or mean(a) - mean(b) on the same items) with a seeds-and-items bootstrap CI.
 
   Items are resampled once per replicate and shared by a and b (paired); seeds are resampled independently
   for a and b (different training runs), or jointly with `same_runs` (a and b are the same checkpoints at two
-  k). With one seed this is the ordinary item bootstrap.
+  k). With one seed this is the ordinary item bootstrap. `weights` [items] weight each item (see module doc);
+  `lo90`/`hi90` are the 90% interval of the same replicates.
   """
   a = np.atleast_2d(np.asarray(a, np.float64))
   b = None if b is None else np.atleast_2d(np.asarray(b, np.float64))
@@ -80,9 +92,13 @@ def hier_bootstrap(a: np.ndarray, b: np.ndarray | None = None, *, n_boot: int = 
   if same_runs and (b is None or a.shape != b.shape):
     raise ValueError("same_runs needs a and b of the same [seeds, items] shape")
   n = a.shape[1]
-  point = a.mean() - (b.mean() if b is not None else 0.0)
+  w = None if weights is None else np.asarray(weights, np.float64)
+  if w is not None and w.shape != (n,):
+    raise ValueError(f"weights must have one entry per item ({n}), got shape {w.shape}")
+  point = weighted_mean(a, w) - (weighted_mean(b, w) if b is not None else 0.0)
   if n == 0:
-    return dict(mean=math.nan, lo=math.nan, hi=math.nan, p_value=math.nan, n_seeds=0, n_items=0)
+    return dict(mean=math.nan, lo=math.nan, hi=math.nan, lo90=math.nan, hi90=math.nan, p_value=math.nan,
+                n_seeds=0, n_items=0)
   rng = np.random.default_rng(seed)
   stats = []
   for start in range(0, n_boot, _BLOCK):
@@ -93,12 +109,17 @@ def hier_bootstrap(a: np.ndarray, b: np.ndarray | None = None, *, n_boot: int = 
     if b is not None:
       seeds_b = seeds_a if same_runs else rng.integers(0, b.shape[0], (size, b.shape[0]))
       value = value - np.take_along_axis(_seed_means(b, seeds_b), items, 1)
-    stats.append(value.mean(axis=1))
+    if w is None:
+      stats.append(value.mean(axis=1))
+    else:
+      wi = w[items]
+      stats.append(np.sum(value * wi, axis=1) / np.sum(wi, axis=1))
   stats = np.concatenate(stats)
   tail = (1 - confidence) / 2 * 100
   lo, hi = np.percentile(stats, [tail, 100 - tail])
+  lo90, hi90 = np.percentile(stats, [5, 95])
   p = min(1.0, 2 * min(float(np.mean(stats <= 0)), float(np.mean(stats >= 0))))
-  return dict(mean=float(point), lo=float(lo), hi=float(hi), p_value=p,
+  return dict(mean=float(point), lo=float(lo), hi=float(hi), lo90=float(lo90), hi90=float(hi90), p_value=p,
               n_seeds=int(a.shape[0]) if b is None else int(min(a.shape[0], b.shape[0])), n_items=int(n))
 
 
@@ -112,7 +133,8 @@ def accuracy_table(groups: Groups, ks: Sequence[int], ids: Sequence[str], **boot
     out[method] = {}
     for k in ks:
       mat = matrix(runs, k, ids)
-      out[method][k] = dict(hier_bootstrap(mat, **boot), per_seed=mat.mean(axis=1).tolist())
+      per_seed = [weighted_mean(row, boot.get("weights")) for row in mat]
+      out[method][k] = dict(hier_bootstrap(mat, **boot), per_seed=per_seed)
   return out
 
 
@@ -164,8 +186,9 @@ def agreement_table(groups: Groups, pairs: Sequence[Sequence[int]], ids: Sequenc
 
   Rows: every method's own checkpoint at k1 vs k2 ("<method>@k1 vs @k2"), and, where oracles pretrained at
   both k exist, the pair of separate well-specified oracles ("Oracle-k1@k1 vs Oracle-k2@k2"). Each row holds
-  the agreement with its CI, and, for the PHDS rows, the difference to the oracle pair (absolute with CI, and
-  relative = ratio − 1).
+  the agreement with its CI, the difference to the oracle pair (absolute with CI, and relative = ratio − 1),
+  and the difference to the controls' own single checkpoints (`vs_controls`: naive, base), which any single
+  checkpoint evaluated at two k is compared against: agreeing with itself is not special to PHDS.
   """
   rows = []
   for k1, k2 in pairs:
@@ -174,16 +197,23 @@ def agreement_table(groups: Groups, pairs: Sequence[Sequence[int]], ids: Sequenc
     if oracle_pair is not None:
       rows.append(dict(pair=[k1, k2], row=f"{o1}@{k1} vs {o2}@{k2}", kind="oracle_pair",
                        **hier_bootstrap(oracle_pair, **boot)))
+    same_by = {}
     for method, runs in groups.items():
       if max(r["k_pre"] for r in runs) < k2:
         continue  # an oracle pretrained below k2 is not a k2 model
-      same = agreement_matrix(runs, k1, runs, k2, ids)
+      same_by[method] = agreement_matrix(runs, k1, runs, k2, ids)
+    for method, same in same_by.items():
       row = dict(pair=[k1, k2], row=f"{method}@{k1} vs @{k2}", kind="same_checkpoint", method=method,
                  **hier_bootstrap(same, **boot))
       if oracle_pair is not None:
         diff = hier_bootstrap(same, oracle_pair, **boot)
-        rel = M.compare_agreements(row["mean"], float(oracle_pair.mean()))["relative"]
-        row["vs_oracle_pair"] = dict(absolute=diff["mean"], lo=diff["lo"], hi=diff["hi"],
-                                     p_value=diff["p_value"], relative=rel)
+        rel = M.compare_agreements(row["mean"], weighted_mean(oracle_pair, boot.get("weights")))["relative"]
+        row["vs_oracle_pair"] = dict(absolute=diff["mean"], lo=diff["lo"], hi=diff["hi"], lo90=diff["lo90"],
+                                     hi90=diff["hi90"], p_value=diff["p_value"], relative=rel)
+      row["vs_controls"] = {}
+      for control in ("naive", "base"):
+        if control in same_by and control != method:
+          d = hier_bootstrap(same, same_by[control], **boot)
+          row["vs_controls"][control] = {f: d[f] for f in ("mean", "lo", "hi", "lo90", "hi90", "p_value")}
       rows.append(row)
   return rows

@@ -3,8 +3,9 @@ r"""PHDS against its baselines (docs/method.md ยง4): one command, every method ร
     python -m phds_jax.experiments.compare --config=configs/compare_demo.py [--workdir=runs/compare_demo]
 
 Runs, with the same data, steps and hyper-parameters for every trained method: the base without SFT, Naive,
-Oracle (and Oracle-K for each base pretrained at K), PHDS without and with the curriculum, each for every seed
-in `config.seeds`. Re-running with the same workdir skips finished runs and resumes an interrupted one. Writes
+Oracle (and Oracle-K for each base pretrained at K), PHDS without and with the curriculum (one run per anchor
+in `config.anchors`, the anchor then chosen per seed on validation), each for every seed in `config.seeds`;
+scores every selected checkpoint on every task in `eval.tasks` (multiple choice, perplexity, generation). Re-running with the same workdir skips finished runs and resumes an interrupted one. Writes
 workdir/report.md, report.json, accuracy_vs_k.png and agreement.png.
 """
 
@@ -80,9 +81,9 @@ def make_report(config: ml_collections.ConfigDict, workdir: str, results: list[d
   """Tables for both selection rules, claims, plots (of the primary rule); writes report.md / report.json."""
   ks = cfg_lib.eval_ks(config, k_pre)
   rules = {}
-  for rule in cfg_lib.RULES:
+  for rule in cfg_lib.rules(config):
     t = report.build(workdir, results, rule=rule, ks=ks, k_pre=k_pre, pairs=[list(p) for p in config.report.pairs],
-                     n_boot=config.report.n_boot, seed=config.report.seed)
+                     n_boot=config.report.n_boot, seed=config.report.seed, margin=config.report.get("margin", 0.02))
     t["claims"] = report.claims(t)
     rules[rule] = t
   primary = rules[config.select.primary]
@@ -104,7 +105,8 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   results, executed = run_all(config, workdir, k_pre)
   meta = dict(command=config.get("command") or " ".join(["python -m phds_jax.experiments.compare"] + sys.argv[1:]),
               machine=_machine(), methods=[m.name for m in cfg_lib.methods(config, k_pre)],
-              seeds=list(config.seeds), num_steps=config.train.num_steps, k_pre=k_pre,
+              seeds=list(config.seeds), k_pre=k_pre,
+              num_steps=max([r.get("num_steps", 0) for r in results] + [0]) or config.train.num_steps,
               train_seconds=sum(r["train_seconds"] for r in results),
               eval_seconds=sum(r["eval_seconds"] for r in results), runs_executed=executed)
   previous = None if executed else _previous_timing(workdir)

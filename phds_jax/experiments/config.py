@@ -8,7 +8,8 @@ and changes only the init checkpoint and the k schedule, so differences come fro
   oracle           SFT at k_pre (well-specified at k_pre)
   oracle_k         for each base in `oracle_bases` (pretrained at K < k_pre): SFT at K -> methods oracle_k{K}
   phds_uniform     multi-k over K_train, uniform, no curriculum
-  phds_curriculum  multi-k over K_train, then anchored at `anchor` after `switch_at`
+  phds_curriculum  multi-k over K_train, then anchored at the anchor after `switch_at`; with several `anchors`
+                   one run per anchor (phds_curriculum_a{A}), and the report picks one per seed on validation
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import ml_collections
 
 METHODS = ("base", "naive", "oracle", "oracle_k", "phds_uniform", "phds_curriculum")
 RULES = ("best_at_kpre", "mean_over_k")
+SIGNALS = ("mc", "loss")
+CURRICULUM = "phds_curriculum"
 
 
 class ComparisonConfigError(ValueError):
@@ -54,6 +57,24 @@ def checkpoint_k_pre(path: str) -> int:
     return int(json.load(f)["num_experts_per_tok"])
 
 
+def tasks(config: ml_collections.ConfigDict) -> list[str]:
+  """The test tasks (`eval.tasks`; a lone `eval.task` of older configs also works)."""
+  return list(config.eval.get("tasks") or ()) or ([config.eval.task] if config.eval.get("task") else [])
+
+
+def anchors(config: ml_collections.ConfigDict) -> list[int]:
+  """The curriculum anchors to sweep (`anchors`; a lone `anchor` also works)."""
+  return sorted(config.get("anchors") or ()) or [int(config.anchor)]
+
+
+def swept(config: ml_collections.ConfigDict) -> bool:
+  return len(anchors(config)) > 1
+
+
+def rules(config: ml_collections.ConfigDict) -> list[str]:
+  return list(config.select.get("rules") or RULES)
+
+
 def eval_ks(config: ml_collections.ConfigDict, k_pre: int) -> list[int]:
   """The k every checkpoint is evaluated at: `eval.ks`, default 1..k_pre of the main base."""
   return sorted(config.eval.ks) if config.eval.get("ks") else list(range(1, k_pre + 1))
@@ -74,8 +95,16 @@ def validate(config: ml_collections.ConfigDict) -> int:
   _need(not bad, f"k_train {tuple(k_train)} is not a subset of [1, k_pre={k_pre}] (bad: {bad})")
   _need(1 <= config.naive_k <= k_pre, f"naive_k={config.naive_k} is outside [1, k_pre={k_pre}]")
   if "phds_curriculum" in config.methods:
-    _need(min(k_train) <= config.anchor <= max(k_train),
-          f"anchor={config.anchor} is outside K_train's range [{min(k_train)}, {max(k_train)}]")
+    for a in anchors(config):
+      _need(min(k_train) <= a <= max(k_train), f"anchor {a} is outside K_train's range [{min(k_train)}, {max(k_train)}]")
+  test = tasks(config)
+  _need(len(test) > 0, "eval.tasks is empty: give at least one test task (MC, ppl: or triviaqa)")
+  from phds_jax.evaluation import tasks as task_lib  # pylint: disable=g-import-not-at-top
+  try:
+    kinds = [t.kind for t in task_lib.get_tasks(test)]
+  except ValueError as e:
+    raise ComparisonConfigError(f"eval.tasks: {e}") from e
+  _need(any(k != task_lib.PPL for k in kinds), "eval.tasks has only perplexity tasks; add a multiple-choice task")
   if "oracle_k" in config.methods:
     _need(len(config.oracle_bases) > 0, "methods include 'oracle_k' but oracle_bases is empty")
     for path in config.oracle_bases:
@@ -84,8 +113,12 @@ def validate(config: ml_collections.ConfigDict) -> int:
   ks = eval_ks(config, k_pre)
   _need(all(1 <= k <= k_pre for k in ks), f"eval.ks {ks} must lie in [1, k_pre={k_pre}]")
   s = config.select
-  _need(0.0 <= s.burn_in < 1.0, f"select.burn_in={s.burn_in} must be a fraction of training in [0, 1)")
-  _need(s.primary in RULES, f"select.primary={s.primary!r} is not one of {RULES}")
+  _need(int(s.burn_in_steps) >= 0, f"select.burn_in_steps={s.burn_in_steps} must be a step count >= 0")
+  _need(s.signal in SIGNALS, f"select.signal={s.signal!r} is not one of {SIGNALS}")
+  _need(s.signal != "mc" or bool(s.get("task")), "select.signal='mc' needs select.task (a validation MC task)")
+  _need(set(rules(config)) <= set(RULES), f"select.rules={tuple(rules(config))} must be among {RULES}")
+  _need(s.primary in rules(config), f"select.primary={s.primary!r} is not one of {tuple(rules(config))}")
+  _need(float(config.report.get("margin", 0.02)) > 0, "report.margin (the equivalence margin) must be > 0")
   sel_ks = list(s.ks) or k_train
   _need(all(1 <= k <= k_pre for k in sel_ks), f"select.ks {sel_ks} must lie in [1, k_pre={k_pre}]")
   for pair in config.report.pairs:
@@ -114,17 +147,19 @@ def methods(config: ml_collections.ConfigDict, k_pre: int) -> list[Method]:
     elif name == "phds_uniform":
       out.append(Method("phds_uniform", config.base, k_pre, dict(mode="uniform", k_train=k_train, anchor=0)))
     else:
-      out.append(Method("phds_curriculum", config.base, k_pre, dict(
-          mode="curriculum", k_train=k_train, anchor=config.anchor, switch_at=config.switch_at,
-          ramp=config.ramp)))
+      for a in anchors(config):
+        out.append(Method(f"{CURRICULUM}_a{a}" if swept(config) else CURRICULUM, config.base, k_pre, dict(
+            mode="curriculum", k_train=k_train, anchor=a, switch_at=config.switch_at,
+            switch_unit=config.get("switch_unit", "fraction"), ramp=config.ramp)))
   return out
 
 
 def train_config(config: ml_collections.ConfigDict, method: Method, seed: int) -> ml_collections.ConfigDict:
   """config.train with this method's init and schedule, the seed, and every eval step checkpointed.
 
-  Held-out losses are logged at every k <= the model's k_pre (for selection), and every evaluated step keeps
-  its checkpoint, so whichever step the selection rule picks can be restored and scored.
+  Held-out losses are logged at every k <= the model's k_pre; with select.signal='mc' the trainer also scores
+  the validation MC task after the burn-in at every k any rule reads (training/protocol.py). Every evaluated
+  step keeps its checkpoint, so whichever step a rule picks can be restored and scored.
   """
   c = ml_collections.ConfigDict(config.train.to_dict())
   c.name = f"{config.name}-{method.name}-seed{seed}"
@@ -134,7 +169,17 @@ def train_config(config: ml_collections.ConfigDict, method: Method, seed: int) -
   c.schedule.update(method.schedule)
   every = c.checkpoint.every_steps
   c.eval.update(dict(every_steps=every, ks=tuple(range(1, method.k_pre + 1))))
-  c.checkpoint.keep = c.num_steps // every + 1
+  s = config.select
+  log_ks = sorted({k for r in rules(config) for k in _rule_ks(r, method.k_pre, list(s.ks) or list(config.k_train))})
+  c.select.update(dict(signal=s.signal, task=s.get("task", ""), limit=s.get("limit", 0),
+                       batch_size=s.get("batch_size", 64), rule=s.primary, burn_in_steps=int(s.burn_in_steps),
+                       export="final", log_ks=tuple(log_ks)))
+  c.checkpoint.keep = max(c.checkpoint.keep, c.num_steps // every + 2)  # keep every candidate (the driver deletes)
   c.final_eval.tasks = ()  # the driver scores the selected checkpoints instead of the last one
   c.export.update(dict(hf=False, orbax=True))
   return c
+
+
+def _rule_ks(rule: str, k_pre: int, ks: list[int]) -> list[int]:
+  from phds_jax.experiments import selection  # pylint: disable=g-import-not-at-top
+  return selection.rule_ks(rule, k_pre, ks)

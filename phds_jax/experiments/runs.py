@@ -3,7 +3,8 @@
 Layout of `workdir/<method>/seed<s>/`:
   metrics.jsonl, checkpoints/, final/orbax   the trainer's run (phds_jax.training.loop)
   eval/step<N>/                               phds_jax.evaluation output of the checkpoint at step N
-  result.json                                 selection and accuracy per rule and k; its presence = done
+  result.json                                 selection (steps, validation scores) and the primary metric per
+                                              rule, task and k; its presence = done
   fingerprint.json                            the settings the run was made with (a mismatch is an error)
 
 The untrained base is scored once, under `workdir/base/seed0/` (it has no seed).
@@ -22,7 +23,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from phds_jax import checkpoint as params_ckpt
@@ -93,15 +93,17 @@ def restore_params(ckpt_dir: str, step: int) -> Any:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, model_cfg, params, tokenizer_dir: str,
-                        ks: list[int], out_dir: str) -> dict[int, float]:
-  """Scores one checkpoint on the MC task at every k (writes phds_jax.evaluation's directory); k -> accuracy."""
+                        ks: list[int], out_dir: str) -> dict[str, dict[int, float]]:
+  """Scores one checkpoint on every test task at every k (writes phds_jax.evaluation's directory);
+  task -> k -> primary metric."""
   from phds_jax import evaluation  # pylint: disable=g-import-not-at-top
   e = config.eval
-  results = evaluation.evaluate(model_cfg, params, hf.load_tokenizer(tokenizer_dir), [e.task], ks=ks,
-                                limit=e.limit or None, batch_size=e.batch_size, out_dir=out_dir,
-                                n_boot=config.report.n_boot, progress=False, plots=False)
-  (entry,) = results.summary["tasks"].values()
-  return {int(k): float(v[entry["primary"]]) for k, v in entry["by_k"].items()}
+  results = evaluation.evaluate(model_cfg, params, hf.load_tokenizer(tokenizer_dir), cfg_lib.tasks(config),
+                                ks=ks, limit=e.limit or None, batch_size=e.batch_size, out_dir=out_dir,
+                                n_boot=config.report.n_boot, progress=False, plots=False,
+                                max_new_tokens=e.get("max_new_tokens", 32))
+  return {name: {int(k): float(v[entry["primary"]]) for k, v in entry["by_k"].items()}
+          for name, entry in results.summary["tasks"].items()}
 
 
 def _eval_dir(path: str, step: int | str) -> str:
@@ -121,8 +123,9 @@ def run_base(config: ml_collections.ConfigDict, method: cfg_lib.Method, workdir:
   model_cfg = model_cfg.replace(**_eval_overrides(config))
   out = _eval_dir(path, 0)
   acc = evaluate_checkpoint(config, model_cfg, params, method.init_path, ks, out)
-  result = dict(method=method.name, seed=0, k_pre=method.k_pre, steps={r: 0 for r in cfg_lib.RULES},
-                eval_dirs={r: out for r in cfg_lib.RULES}, accuracy={r: acc for r in cfg_lib.RULES},
+  rules = cfg_lib.rules(config)
+  result = dict(method=method.name, seed=0, k_pre=method.k_pre, steps={r: 0 for r in rules},
+                eval_dirs={r: out for r in rules}, accuracy={r: acc for r in rules}, val_score={},
                 train_seconds=0.0, eval_seconds=time.perf_counter() - start)
   _write_json(os.path.join(path, RESULT), _relative(result, workdir))
   return load_result(path)
@@ -155,10 +158,16 @@ def run_trained(config: ml_collections.ConfigDict, method: cfg_lib.Method, seed:
   result = train_and_evaluate(tc, path)
   train_s = time.perf_counter() - start
   ckpt_dir = os.path.join(path, "checkpoints")
-  vals = selection.val_by_step(read_metrics(path))
+  signal = config.select.signal
+  records = read_metrics(path)
+  vals = selection.val_by_step(records, signal)
   sel_ks = list(config.select.ks) or list(config.k_train)
-  steps = selection.select_all(vals, cfg_lib.RULES, k_pre=method.k_pre, ks=sel_ks, num_steps=tc.num_steps,
-                               burn_in=config.select.burn_in, available=saved_steps(ckpt_dir))
+  steps = selection.select_all(vals, cfg_lib.rules(config), k_pre=method.k_pre, ks=sel_ks,
+                               burn_in_steps=int(config.select.burn_in_steps), signal=signal,
+                               available=saved_steps(ckpt_dir))
+  # The validation score of each selected step (what a sweep over anchors compares; higher is better).
+  sign = 1.0 if selection.SIGNALS[signal][1] else -1.0
+  val_score = {r: sign * selection.score(vals[s], r, method.k_pre, sel_ks) for r, s in steps.items()}
   model_cfg = params_ckpt.config_from_json(Path(result.orbax_dir, params_ckpt.CONFIG_FILE).read_text())
   start = time.perf_counter()
   accuracy, eval_dirs = {}, {}
@@ -167,12 +176,16 @@ def run_trained(config: ml_collections.ConfigDict, method: cfg_lib.Method, seed:
     acc = evaluate_checkpoint(config, model_cfg, restore_params(ckpt_dir, step), tc.tokenizer_dir, ks, out)
     for rule in [r for r, s in steps.items() if s == step]:
       accuracy[rule], eval_dirs[rule] = acc, out
-  out = dict(method=method.name, seed=int(seed), k_pre=method.k_pre, steps=steps, eval_dirs=eval_dirs,
-             accuracy=accuracy, train_seconds=train_s, eval_seconds=time.perf_counter() - start,
-             val_by_step={str(s): {str(k): v for k, v in d.items()} for s, d in sorted(vals.items())})
+  losses = selection.val_by_step(records, "loss")
+  out = dict(method=method.name, seed=int(seed), k_pre=method.k_pre, num_steps=result.final_step, steps=steps,
+             eval_dirs=eval_dirs,
+             accuracy=accuracy, val_score=val_score, select_signal=signal, train_seconds=train_s,
+             eval_seconds=time.perf_counter() - start,
+             val_by_step={str(s): {str(k): v for k, v in d.items()} for s, d in sorted(losses.items())},
+             select_by_step={str(s): {str(k): v for k, v in d.items()} for s, d in sorted(vals.items())})
   _write_json(os.path.join(path, RESULT), _relative(out, workdir))
   if not config.keep_checkpoints:
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the selected steps are scored; result.json marks it done
-  logging.info("%s seed %d: steps %s, accuracy %s", method.name, seed, steps,
-               {r: np.round(list(a.values()), 3).tolist() for r, a in accuracy.items()})
+  logging.info("%s seed %d: steps %s, validation %s", method.name, seed, steps,
+               {r: round(v, 4) for r, v in val_score.items()})
   return load_result(path)
