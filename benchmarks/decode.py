@@ -32,6 +32,8 @@ from phds_jax import hf, models
 from phds_jax.serve import engine
 
 PRESETS = {
+    "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, num_experts=8, num_experts_per_tok=4, intermediate_size=32),  # smoke test
     # The vs_transformers CPU layout: OLMoE family, 4 layers, d 512, 32 experts of 256, top-8.
     "cpu": dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8, num_experts=32, num_experts_per_tok=8, intermediate_size=256),
@@ -122,7 +124,7 @@ def torch_ms(model, k: int, batch: int, context: int, new_tokens: int) -> float:
   return float(np.median(times[2:] if len(times) > 4 else times))
 
 
-def main():
+def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 elsewhere")
@@ -132,21 +134,21 @@ def main():
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--ks", type=int, nargs="+", default=None, help="default: 1..k_pre")
   parser.add_argument("--no_torch", action="store_true", help="skip the transformers column")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   cpu = jax.default_backend() == "cpu"
   dtype = args.dtype or ("float32" if cpu else "bfloat16")
   batches = args.batch
 
   cfg, params, torch_model = build(args.preset, dtype, with_torch=not args.no_torch)
   ks = args.ks or list(range(1, cfg.k_pre + 1))
-  gbps = memory_bandwidth_gbps()
+  gbps = memory_bandwidth_gbps(64 if args.preset == "tiny" else 512)
   grouped = cfg.replace(decode_moe="grouped")
   import torch
   import transformers
   print(f"# {machine()} | torch {torch.__version__} | transformers {transformers.__version__}")
   print(f"# {args.preset}: {cfg.num_layers} layers, d={cfg.hidden_size}, E={cfg.num_experts}, k_pre={cfg.k_pre}, "
         f"{dtype}, context {args.context}, {args.new_tokens}x{args.repeats} timed steps; bandwidth {gbps:.0f} GB/s")
-  for k in (ks[0], ks[-1]):
+  for k in sorted({ks[0], ks[-1]}):
     print(f"# kernels per layer in one compiled decode step, batch 1, k={k}: "
           f"gather {kernels_per_layer(cfg, k, 1)}, grouped {kernels_per_layer(grouped, k, 1)}")
   timing = dict(new_tokens=args.new_tokens, repeats=args.repeats)

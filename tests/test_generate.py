@@ -151,3 +151,13 @@ def test_time_decode_reports_per_step_samples():
                             steps_per_call=steps)
     chex.assert_shape(ms, (8,))
     assert np.all(ms > 0) and np.all(np.isfinite(ms))
+
+
+def test_decode_benchmark_runs_every_column(capsys):
+  from benchmarks import decode
+  decode.main(["--preset=tiny", "--batch", "1", "--ks", "2", "--context=8", "--new_tokens=2", "--repeats=1"])
+  out = capsys.readouterr().out
+  assert "kernels per layer in one compiled decode step" in out and "n/a" not in out, out
+  rows = [line.split() for line in out.splitlines() if line[:3].strip() == "2"]
+  assert len(rows) == 1 and len(rows[0]) == 7, out  # k, gather, grouped, hf, floor, % of floor, hf/ours
+  assert "ours vs transformers" in out and "time strictly falls with k" in out
