@@ -101,7 +101,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, model_cfg, params, to
   results = evaluation.evaluate(model_cfg, params, hf.load_tokenizer(tokenizer_dir), cfg_lib.tasks(config),
                                 ks=ks, limit=e.limit or None, batch_size=e.batch_size, out_dir=out_dir,
                                 n_boot=config.report.n_boot, progress=False, plots=False,
-                                max_new_tokens=e.get("max_new_tokens", 32))
+                                max_new_tokens=e.get("max_new_tokens", 32), data_dir=e.get("data_dir") or None)
   return {name: {int(k): float(v[entry["primary"]]) for k, v in entry["by_k"].items()}
           for name, entry in results.summary["tasks"].items()}
 

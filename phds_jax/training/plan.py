@@ -169,8 +169,12 @@ def _schedule_text(config: ml_collections.ConfigDict) -> str:
   s = config.schedule
   text = f"{s.mode}, K_train={tuple(s.k_train)}, per {s.granularity}"
   if s.mode == "curriculum":
-    text += (f", anchored at k={s.anchor} from step {int(s.switch_at * config.num_steps):,}"
-             + (f" (ramp {s.ramp:g})" if s.ramp else " (hard switch)"))
+    unit = s.get("switch_unit", "fraction")
+    start = f"step {int(s.switch_at * config.num_steps):,}" if unit == "fraction" else f"{s.switch_at:g} {unit}"
+    text += f", anchored at k={s.anchor} from {start}" + (f" (ramp {s.ramp:g})" if s.ramp else " (hard switch)")
+  if config.get("num_epochs"):  # training/protocol.py counts the packed rows at start and prints the steps
+    text += (f"; length {config.num_epochs:g} epoch(s) of the packed data, in steps counted at start "
+             f"(num_steps {config.num_steps:,} is then unused)")
   return text
 
 

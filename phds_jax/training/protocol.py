@@ -2,8 +2,9 @@
 
 Schedule units (docs/method.md §1.3). The paper times its curriculum in epochs ("~93.9% of one epoch") and
 the selection burn-in in steps (5,000). `resolve_units` turns `num_epochs`, `schedule.switch_at` /
-`schedule.ramp` in 'fraction' | 'steps' | 'epochs' into the step counts the loop uses, counting the packed
-rows of one epoch of the training split when an epoch-based value needs it, and logs the derivation.
+`schedule.ramp` and `select.burn_in_steps` (each in its unit: 'fraction' | 'steps' | 'epochs') into the step
+counts the loop uses, counting the packed rows of one epoch of the training split when an epoch-based value
+needs it, and logs the derivation.
 
 Selection (docs/method.md §1.7). After a burn-in of `select.burn_in_steps`, every `eval.every_steps` the
 `Selector` scores the model: with `select.signal='mc'` by zero-shot multiple-choice accuracy on a validation
@@ -48,8 +49,9 @@ def count_packed_rows(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
 
 def needs_epoch(config: ml_collections.ConfigDict) -> bool:
   s = config.schedule
-  return bool(config.get("num_epochs", 0)) or "epochs" in (s.get("switch_unit", "fraction"),
-                                                            s.get("ramp_unit", "fraction"))
+  units = (s.get("switch_unit", "fraction"), s.get("ramp_unit", "fraction"),
+           config.get("select", {}).get("burn_in_unit", "steps"))
+  return bool(config.get("num_epochs", 0)) or "epochs" in units
 
 
 def resolve_units(config: ml_collections.ConfigDict, tokenizer: Any,
@@ -82,6 +84,15 @@ def resolve_units(config: ml_collections.ConfigDict, tokenizer: Any,
   out.num_steps, out.num_epochs = num_steps, 0.0
   out.schedule.update(dict(switch_at=min(switch, 1.0), ramp=min(ramp, 1.0), switch_unit="fraction",
                            ramp_unit="fraction"))
+  if "select" in config:
+    unit = config.select.get("burn_in_unit", "steps")
+    _need(unit in schedule.UNITS, f"select.burn_in_unit={unit!r} is not one of {schedule.UNITS}")
+    try:
+      burn = round(schedule.to_fraction(config.select.burn_in_steps, unit, num_steps, spe) * num_steps)
+    except schedule.ScheduleError as e:
+      raise TrainConfigError(f"select.burn_in_steps: {e}") from e
+    out.select.update(dict(burn_in_steps=int(burn), burn_in_unit="steps"))
+    text += f"; selection burn-in {burn} steps ({config.select.burn_in_steps:g} {unit})"
   return out, text
 
 
