@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.model_type = "olmoe"
   c.init.path = os.path.join(ASSETS, "demo_base")
   c.model.update(dict(dtype="float32", param_dtype="float32"))  # CPU: fp32 is faster than emulated bf16
-  c.schedule.update(dict(mode="curriculum", k_train=(2, 3, 4), anchor=2, switch_at=0.9))  # (paper) [2,3,4]->anchor
+  c.schedule.update(dict(mode="curriculum", k_train=(2, 3, 4), anchor=2, switch_at=0.9))  # (summary) [2,3,4]->anchor
   # ours: at lr 1e-3 (the first demo) the held-out loss rose after step 50 while the training loss kept falling
   # (memorising); at 3e-4 it falls at every eval (3.44 at step 25 -> 3.34 at 100, 2 CPU cores, seed 0).
   c.optimizer.update(dict(lr=3e-4, warmup_steps=10, decay="linear"))

@@ -1,6 +1,6 @@
 """The k curriculum: which top-k level each optimizer step (or microbatch) trains at.
 
-PHDS (paper §1.2-1.3) samples one global k per forward pass uniformly from K_train, then, for a short final
+PHDS (docs/method.md §1.2-1.3) samples one global k per forward pass uniformly from K_train, then, for a short final
 window, anchors at a low k. The shape of that anchor is not known, so both readings are here: a hard switch
 (`ramp=0`) and a linear ramp of the sampling probabilities to a point mass on the anchor.
 
@@ -30,7 +30,8 @@ class KSchedule:
     mode: 'fixed' (one k: Naive/Oracle baselines, pretraining), 'uniform' (multi-k without curriculum),
       'curriculum' (multi-k, then anchored at `anchor`).
     anchor: the low k the curriculum ends at.
-    switch_at: fraction of training after which the curriculum starts (paper: ~0.94 of an epoch).
+    switch_at: fraction of training after which the curriculum starts (summary: ~0.94 of an epoch; the
+      trainer converts steps/epochs to this fraction, training/protocol.py).
     ramp: fraction of training over which probabilities move linearly to the anchor; 0 = hard switch.
     probs: optional custom mixing probabilities, aligned with k_train (default uniform).
     total_steps: length of training, for the fractions.
@@ -143,7 +144,7 @@ def to_fraction(value: float, unit: str, total_steps: int, steps_per_epoch: floa
   """A point of training given in `unit` as a fraction of `total_steps` (what KSchedule holds).
 
   'fraction': of all steps (as KSchedule); 'steps': an optimizer-step count; 'epochs': a number of passes over
-  the packed training split (the paper's timing is "~93.9% of one epoch", docs/method.md §1.3).
+  the packed training split (the reported timing is "~93.9% of one epoch", docs/method.md §1.3).
   """
   if unit not in UNITS:
     raise ScheduleError(f"unit {unit!r} is not one of {UNITS}")

@@ -1,11 +1,11 @@
 """Which intermediate checkpoint a run reports (docs/method.md §1.7), from the trainer's metrics.jsonl.
 
-The paper skips a burn-in (5,000 steps) and takes the checkpoint with the best multiple-choice validation
-accuracy at k_pre; Reviewer 3 asks for the mean over the target k range instead. Both rules are here, over
-either signal the trainer logs (training/protocol.py):
+The paper (as summarised, docs/method.md §1.7) skips a burn-in (5,000 steps) and takes the checkpoint with the
+best multiple-choice validation accuracy at k_pre; Reviewer 3 asks for the mean over the target k range
+instead. Both rules are here, over either signal the trainer logs (training/protocol.py):
   'mc'    select_acc_k{k}: accuracy on a validation MC task (never the test items), higher is better;
   'loss'  val_loss_k{k}: held-out SFT loss (hard routing), lower is better.
-The burn-in is a step count, as in the paper.
+The burn-in is a step count, as reported.
 """
 
 from __future__ import annotations
