@@ -7,6 +7,7 @@ with a readable diff, user errors as one line with exit code 2. Figures: docs/re
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -99,28 +100,29 @@ def _toy_batch(cfg, m=1):
               positions=jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (m, 2, 8)))
 
 
-@pytest.mark.parametrize("fault", ["nan_weight", "nan_update"])
-def test_nonfinite_update_is_skipped_inside_the_step(fault):
-  """A NaN weight (loss and gradients NaN) or a NaN update (finite loss and gradients) leaves the state as it was."""
-  cfg = models.tiny("olmoe")
-  params = models.init_params(cfg, jax.random.PRNGKey(0))
+def test_nonfinite_update_is_skipped_inside_the_step():
+  """A NaN weight (loss and gradients NaN) or a NaN in Adam's moments (finite loss and gradients, NaN update)
+  leaves the whole state as it was and counts one skip; a healthy state is updated. One compiled step."""
+  cfg = models.tiny("olmoe", num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2)
   tx = optax.adamw(1e-3)
-  if fault == "nan_weight":
-    params["final_norm"]["scale"] = params["final_norm"]["scale"].at[0].set(jnp.nan)
-  else:
-    tx = optax.chain(optax.adamw(1e-3), optax.scale(jnp.nan))
-  state = step_lib.init_state(params, tx)
   fn = jax.jit(step_lib.make_train_step(cfg, (2,), tx))
-  new, metrics = fn(state, _toy_batch(cfg), jnp.zeros((1,), jnp.int32))
-  assert not bool(metrics["applied"]) and int(new.skipped) == 1 and int(new.step) == 1
-  assert bool(metrics["grads_finite"]) == (fault == "nan_update")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, (new.params, new.opt_state), (state.params, state.opt_state))
-  # A healthy step on the same state is applied and counts nothing.
-  healthy = step_lib.init_state(models.init_params(cfg, jax.random.PRNGKey(0)), optax.adamw(1e-3))
-  ok, m = jax.jit(step_lib.make_train_step(cfg, (2,), optax.adamw(1e-3)))(healthy, _toy_batch(cfg),
-                                                                           jnp.zeros((1,), jnp.int32))
-  assert bool(m["applied"]) and int(ok.skipped) == 0
-  chex.assert_tree_all_finite(ok.params)
+  healthy = step_lib.init_state(models.init_params(cfg, jax.random.PRNGKey(0)), tx)
+  nan_weight = healthy.replace(params=jax.tree_util.tree_map(lambda x: x, healthy.params))
+  nan_weight.params["final_norm"]["scale"] = nan_weight.params["final_norm"]["scale"].at[0].set(jnp.nan)
+  adam = healthy.opt_state[0]
+  nan_moment = healthy.replace(opt_state=(adam._replace(mu=jax.tree_util.tree_map(
+      lambda m: m.at[(0,) * m.ndim].set(jnp.nan), adam.mu)),) + tuple(healthy.opt_state[1:]))
+  batch, idx = _toy_batch(cfg), jnp.zeros((1,), jnp.int32)
+  for state, grads_finite in ((nan_weight, False), (nan_moment, True)):
+    new, metrics = fn(state, batch, idx)
+    assert not bool(metrics["applied"]) and bool(metrics["grads_finite"]) == grads_finite
+    assert int(new.skipped) == 1 and int(new.step) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (new.params, new.opt_state),
+                           (state.params, state.opt_state))
+  new, metrics = fn(healthy, batch, idx)
+  assert bool(metrics["applied"]) and int(new.skipped) == 0
+  chex.assert_tree_all_finite((new.params, new.opt_state))
+  assert not np.array_equal(new.params["final_norm"]["scale"], healthy.params["final_norm"]["scale"])
 
 
 def test_huge_lr_never_checkpoints_a_nonfinite_state(tiny_ckpt, tmp_path):
@@ -157,8 +159,8 @@ def _save_steps(directory, steps, keep=3, **kw):
   return ckpt
 
 
-@pytest.mark.parametrize("damage", [truncate, flip_bytes])
-def test_damaged_newest_step_falls_back_to_the_older_good_one(tmp_path, damage):
+@pytest.mark.parametrize("damage, why", [(truncate, "unreadable"), (flip_bytes, "checksum mismatch: array w")])
+def test_damaged_newest_step_falls_back_to_the_older_good_one(tmp_path, damage, why):
   """Issue 11.2: a truncated or bit-flipped newest step is reported, moved aside, and the older step restored."""
   directory = str(tmp_path / "checkpoints")
   _save_steps(directory, [1, 2]).close()
@@ -169,7 +171,7 @@ def test_damaged_newest_step_falls_back_to_the_older_good_one(tmp_path, damage):
   jax.tree_util.tree_map(np.testing.assert_array_equal, state, _toy_state(1))
   assert ckpt.all_steps() == [1]
   (bad,) = os.listdir(directory + "_bad")
-  assert bad.startswith("2-") and open(os.path.join(directory + "_bad", bad, "WHY.txt")).read().strip()
+  assert bad.startswith("2-") and open(os.path.join(directory + "_bad", bad, "WHY.txt")).read().startswith(why)
   ckpt.close()
 
 
@@ -222,8 +224,9 @@ def test_changed_config_resume(tiny_ckpt, tmp_path):
   """Issue 11.3: changes that alter training are refused with a diff unless allowed; num_steps rules."""
   workdir = str(tmp_path / "cfg")
   loop.train_and_evaluate(fast_config(tiny_ckpt, num_steps=2), workdir)
+  lr = fast_config(tiny_ckpt).optimizer.lr
   refused = [({"schedule.k_train": (3,), "schedule.mode": "fixed"}, r"schedule\.k_train: \[2\] -> \[3\]"),
-             ({"optimizer.lr": 5e-4}, r"optimizer\.lr: 0\.001 -> 0\.0005"),
+             ({"optimizer.lr": lr / 2}, re.escape(f"optimizer.lr: {lr!r} -> {lr / 2!r}")),
              ({"seed": 7}, r"seed: 0 -> 7"),
              ({"num_steps": 1}, r"num_steps=1 is below the checkpoint's step 2")]
   for change, match in refused:
@@ -235,13 +238,13 @@ def test_changed_config_resume(tiny_ckpt, tmp_path):
     loop.train_and_evaluate(fast_config(other, num_steps=2), workdir)
   # Allowed: a new lr, and more steps (the steps already taken are kept).
   result = loop.train_and_evaluate(
-      fast_config(tiny_ckpt, **{"num_steps": 3, "optimizer.lr": 5e-4, "resume.allow_changes": ("optimizer.lr",)}),
+      fast_config(tiny_ckpt, **{"num_steps": 3, "optimizer.lr": lr / 2, "resume.allow_changes": ("optimizer.lr",)}),
       workdir)
   assert result.final_step == 3 and [r["step"] for r in observe.read_metrics(workdir)] == [1, 2, 3]
   history = [json.loads(line) for line in open(os.path.join(workdir, resume.HISTORY))]
   assert len(history) == 2 and history[1]["allow_changes"] == ["optimizer.lr"]
-  assert history[1]["changes"]["optimizer.lr"] == [1e-3, 5e-4] and history[1]["changes"]["num_steps"] == [2, 3]
-  assert json.load(open(os.path.join(workdir, "run_info.json")))["config"]["optimizer"]["lr"] == 1e-3
+  assert history[1]["changes"]["optimizer.lr"] == [lr, lr / 2] and history[1]["changes"]["num_steps"] == [2, 3]
+  assert json.load(open(os.path.join(workdir, "run_info.json")))["config"]["optimizer"]["lr"] == lr
 
 
 def test_changed_shapes_give_a_readable_error(tmp_path):

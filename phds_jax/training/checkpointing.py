@@ -303,7 +303,7 @@ class RunCheckpointer:
 
 def _short(err: BaseException) -> str:
   """The error's first line without TensorStore's spec dump."""
-  return _first_line(err).split(" [tensorstore_spec=")[0]
+  return _first_line(err).split(" [tensorstore_spec=")[0].split(" See full TensorStore details")[0]
 
 
 def _first_line(err: BaseException) -> str:
