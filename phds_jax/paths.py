@@ -87,3 +87,34 @@ def glob(pattern: str) -> list[str]:
   root, _, rest = pattern.partition("*")
   base = root.rsplit("/", 1)[0]
   return sorted(str(p) for p in epath.Path(base).glob(pattern[len(base) + 1:]))
+
+
+def copy_tree(src: epath.Path, dst: epath.Path) -> None:
+  """Copies the files under `src` into `dst` (any epath store to any other), keeping relative paths."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for item in src.iterdir():  # level by level (epath refuses recursive globs on object stores)
+    if item.is_dir():
+      copy_tree(item, dst / item.name)
+    else:
+      item.copy(dst / item.name, overwrite=True)
+
+
+def staged(path: str, cache_dir: str | None = None) -> str:
+  """A local copy of a remote file or directory (for readers that need local files: safetensors' mmap, the
+  JSONL/parquet sources, tokenizers); local paths come back unchanged. Copies are cached by URL and reused
+  only when complete (a marker file is written last)."""
+  if not is_remote(path):
+    return normalize(path)
+  import hashlib  # pylint: disable=g-import-not-at-top
+  root = epath.Path(cache_dir or os.path.expanduser("~/.cache/phds_jax/staged"))
+  local = root / hashlib.sha1(path.encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
+  done = epath.Path(str(local) + ".complete")
+  if not done.exists():
+    src = as_epath(path)
+    if src.is_dir():
+      copy_tree(src, local)
+    else:
+      local.parent.mkdir(parents=True, exist_ok=True)
+      src.copy(local, overwrite=True)
+    done.write_text(path + "\n")
+  return str(local)

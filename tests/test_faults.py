@@ -337,6 +337,18 @@ def test_url_handling_without_network(tiny_ckpt, tmp_path, monkeypatch):
   assert os.path.isdir(os.path.join(result.orbax_dir, "params"))
 
 
+def test_staging_copies_a_tree_and_leaves_local_paths_alone(tmp_path):
+  """Readers that need local files get a staged copy of remote inputs; the copy itself runs store to store."""
+  src = tmp_path / "src"
+  (src / "sub").mkdir(parents=True)
+  (src / "config.json").write_text("{}")
+  (src / "sub" / "a.txt").write_text("a")
+  paths.copy_tree(paths.as_epath(str(src)), paths.as_epath(str(tmp_path / "dst")))
+  assert (tmp_path / "dst" / "sub" / "a.txt").read_text() == "a" and (tmp_path / "dst" / "config.json").exists()
+  assert paths.staged(f"file://{src}") == str(src)  # local: no copy
+  assert [paths.is_remote(u) for u in ("gs://b/x", "s3://b/x", "file:///x", "/x", "x")] == [True, True] + [False] * 3
+
+
 # ----- SIGKILL mid-save, disk full during save -----
 
 def _train_cmd(ckpt: str, workdir: str, num_steps: int) -> list[str]:

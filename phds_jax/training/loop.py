@@ -116,6 +116,31 @@ def _open_workdir(workdir: str) -> str:
   return workdir
 
 
+def _local_inputs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose remote inputs (gs://...) are local copies where a reader needs local files: an HF
+  init checkpoint (safetensors are memory-mapped), the tokenizer, data files. Orbax init stays remote."""
+  if not any(paths.is_remote(p) for p in _input_paths(config)):
+    return config
+  local = ml_collections.ConfigDict(config.to_dict())
+  if config.init.kind == "hf" and paths.is_remote(config.init.path):
+    local.init.path = paths.staged(config.init.path)
+  if paths.is_remote(config.get("tokenizer_dir") or config.init.path):
+    local.tokenizer_dir = paths.staged(config.get("tokenizer_dir") or config.init.path)
+  data = config.data.get("path")
+  if data:
+    files = [f for p in ([data] if isinstance(data, str) else list(data))
+             for f in (paths.glob(p) if paths.is_remote(p) else [p])]
+    local.data.path = tuple(paths.staged(f) if paths.is_remote(f) else f for f in files)
+  logging.info("remote inputs staged locally: init %s, tokenizer %s, data %s", local.init.path,
+               local.get("tokenizer_dir"), local.data.get("path"))
+  return local
+
+
+def _input_paths(config) -> list[str]:
+  data = config.data.get("path") or ()
+  return [config.init.path, config.get("tokenizer_dir") or ""] + ([data] if isinstance(data, str) else list(data))
+
+
 def _check_overlong(config, tokenizer) -> None:
   """With data.overlong='error', every record is tokenized once now, so an overlong one fails before training."""
   if config.data.get("overlong") != "error":
@@ -165,19 +190,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
   mesh = parallel.make_mesh(dict(config.mesh))
   microbatches = config.microbatches
   host_batch = config.batch_size // jax.process_count()
-  tokenizer_dir = config.get("tokenizer_dir") or config.init.path
+  local = _local_inputs(config)  # remote inputs staged to local disk; `config` (saved, compared) keeps the URLs
+  tokenizer_dir = local.get("tokenizer_dir") or local.init.path
   tokenizer = data_lib.ChatTokenizer.from_dir(tokenizer_dir, template=config.data.get("template", "auto"))
-  _check_overlong(config, tokenizer)
+  _check_overlong(local, tokenizer)
   stats = data_lib.DataStats()
-  train_iter = data_lib.make_dataset(_data_config(config, host_batch, "train", num_epochs=None, seed=config.seed),
+  train_iter = data_lib.make_dataset(_data_config(local, host_batch, "train", num_epochs=None, seed=config.seed),
                                      tokenizer, stats=stats)
   heldout = []
   if config.data.get("validation_fraction", 0) > 0 and config.eval.batches > 0:
-    val_iter = data_lib.make_dataset(_data_config(config, host_batch // microbatches, "validation",
+    val_iter = data_lib.make_dataset(_data_config(local, host_batch // microbatches, "validation",
                                                   num_epochs=1, shuffle=False), tokenizer, stats=stats)
     heldout = [b for _, b in zip(range(config.eval.batches), val_iter)]
 
-  model_cfg, params = load_init(config, rng)
+  model_cfg, params = load_init(local, rng)
   schedule.validate(sched, model_cfg.k_pre)
   parallel.validate_mesh_for_model(mesh, model_cfg.num_experts)
   if tokenizer.vocab_size > model_cfg.vocab_size:
