@@ -45,30 +45,33 @@ def hf_config(family: str):
   raise ValueError(family)
 
 
-def interleaved_ms(jax_fn, torch_fn, repeats: int) -> tuple[float, float]:
-  """Median ms of each, timed alternately after one warm-up call each."""
+def interleaved_ms(jax_fn, torch_fn, repeats: int) -> dict[str, tuple[float, float]]:
+  """{framework: (median wall ms, median process CPU ms)}, timed alternately after one warm-up call each.
+  Single-threaded, the CPU time is the work itself: other jobs on the machine barely move it."""
   times = {"jax": [], "torch": []}
   with torch.no_grad():
     jax.block_until_ready(jax_fn())
     torch_fn()
     for _ in range(repeats):
       for name, fn in (("jax", lambda: jax.block_until_ready(jax_fn())), ("torch", torch_fn)):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times[name].append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times["jax"])), 1e3 * float(np.median(times["torch"]))
+        times[name].append((time.perf_counter() - start, time.process_time() - cpu))
+  return {name: tuple(1e3 * float(x) for x in np.median(np.asarray(t), axis=0)) for name, t in times.items()}
 
 
-def dense_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
-  """GFLOP/s of one fp32 [m,k] x [k,n] matmul under XLA: the CPU's practical ceiling for these widths."""
+def dense_gflops(m: int, k: int, n: int, repeats: int = 5, cpu_time: bool = False) -> float:
+  """GFLOP/s of one fp32 [m,k] x [k,n] matmul under XLA: the CPU's practical ceiling for these widths
+  (per CPU-second with `cpu_time`, the single-threaded measure)."""
   a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
   f = jax.jit(jnp.dot)
   jax.block_until_ready(f(a, b))
+  clock = time.process_time if cpu_time else time.perf_counter
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start = clock()
     jax.block_until_ready(f(a, b))
-    times.append(time.perf_counter() - start)
+    times.append(clock() - start)
   return 2 * m * k * n / float(np.median(times)) / 1e9
 
 
@@ -113,8 +116,9 @@ def main(argv: list[str] | None = None):
   print(f"# {args.family}: {cfg.num_layers} layers, d={cfg.hidden_size}, E={cfg.num_experts}, k_pre={k_pre}, "
         f"batch={args.batch} x seq={args.seq_len}, fp32; repeats interleaved jax/torch, median of {args.repeats}"
         f"{'; both single-threaded' if args.threads == 1 else ''}")
+  clock = "CPU" if args.threads == 1 else "wall"  # single-threaded: process CPU time, steady under load
   print(f"{'k':>3} {'jax ms':>9} {'torch ms':>9} {'torch/jax':>10} {'GFLOP':>7} {'jax GF/s':>9} {'torch GF/s':>11} "
-        f"{'max |dlogit|':>13}")
+        f"{'max |dlogit|':>13} {'(wall jax / torch)':>20}   [ms = {clock} time]")
   rows = {}
   for k in ks:
     set_torch_k(hf_model, k)
@@ -122,20 +126,24 @@ def main(argv: list[str] | None = None):
       ref = hf_model(tokens_t).logits.numpy()
     ours = np.asarray(forward(params, tokens_j, k=k)[0])
     diff = float(np.abs(ours - ref).max())
-    jax_t, torch_t = interleaved_ms(lambda: forward(params, tokens_j, k=k)[0], lambda: hf_model(tokens_t),
-                                    args.repeats)
+    t = interleaved_ms(lambda: forward(params, tokens_j, k=k)[0], lambda: hf_model(tokens_t), args.repeats)
+    which = 1 if args.threads == 1 else 0
+    jax_t, torch_t = t["jax"][which], t["torch"][which]
     gflop = observe.train_flops_per_token(cfg, args.seq_len, k) / 3 * n_tok / 1e9  # forward: 2 x active params
     rows[k] = (jax_t, torch_t, gflop)
+    wall = f"{t['jax'][0]:.0f} / {t['torch'][0]:.0f}"
     print(f"{k:>3} {jax_t:>9.1f} {torch_t:>9.1f} {torch_t / jax_t:>10.2f} {gflop:>7.1f} {gflop / jax_t * 1e3:>9.1f} "
-          f"{gflop / torch_t * 1e3:>11.1f} {diff:>13.2e}", flush=True)
+          f"{gflop / torch_t * 1e3:>11.1f} {diff:>13.2e} {wall:>20}", flush=True)
   if k_pre in rows and args.low_k in rows:
     (jp, tp, fp), (jl, tl, fl) = rows[k_pre], rows[args.low_k]
     print(f"time at k={args.low_k} / time at k={k_pre}: jax {jl / jp:.2f}, torch {tl / tp:.2f} "
           f"(expert share {args.low_k / k_pre:.2f}, FLOP share {fl / fp:.2f})")
-  ceiling = dense_gflops(n_tok, cfg.hidden_size, cfg.hidden_size)
-  print(f"dense fp32 matmul [{n_tok}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.hidden_size}] in this run: "
-        f"{ceiling:.1f} GFLOP/s; 2x torch at k={k_pre} would need "
-        f"{2 * rows[k_pre][2] / rows[k_pre][1] * 1e3:.1f} GFLOP/s" if k_pre in rows else "")
+  rows_mm = 8 * n_tok  # as many rows as the k=8 expert matmuls
+  ceiling = dense_gflops(rows_mm, cfg.hidden_size, cfg.hidden_size, cpu_time=args.threads == 1)
+  if k_pre in rows:
+    print(f"dense fp32 matmul [{rows_mm}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.hidden_size}] in this run: "
+          f"{ceiling:.1f} GFLOP/s ({clock} time); 2x torch at k={k_pre} would need "
+          f"{2 * rows[k_pre][2] / rows[k_pre][1] * 1e3:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
