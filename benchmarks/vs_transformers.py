@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None):
                            "default when other jobs share the machine). Must precede jax's first use.")
   args = parser.parse_args(argv)
   if args.threads == 1:
-    if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+    initialized = getattr(getattr(jax._src, "xla_bridge", None), "backends_are_initialized", lambda: False)  # noqa: SLF001
+    if initialized():
       raise RuntimeError("--threads 1 must be set before jax initialises its CPU backend")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                "intra_op_parallelism_threads=1").strip()
