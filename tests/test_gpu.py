@@ -55,7 +55,7 @@ def test_cudnn_attention_matches_reference():
   outs = {}
   for cfg in (ref, fused):
     forward = models.jit_forward(cfg)
-    cache = models.init_cache(cfg, batch_size=B, max_len=T + 4)
+    cache = models.init_cache(cfg, batch_size=B, max_len=2 * T)
     logits, _, cache = forward(params, tokens, k=2, attention_mask=left_pad, cache=cache)
     step, _, _ = forward(params, tokens[:, :1], k=2, cache=cache)
     outs[cfg.attention_impl] = np.concatenate([np.asarray(logits)[:, -1], np.asarray(step)[:, -1]])
