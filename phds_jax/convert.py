@@ -26,26 +26,32 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from phds_jax import checkpoint, console, hf
+from phds_jax import checkpoint, cli, console, hf
 
-flags.DEFINE_string("hf_dir", None, "HF checkpoint directory to convert to Orbax (with --out).")
-flags.DEFINE_string("out", None, "Orbax output directory (for --hf_dir).")
-flags.DEFINE_string("orbax_dir", None, "phds_jax Orbax checkpoint to convert to HF (with --out_hf).")
-flags.DEFINE_string("out_hf", None, "HF output directory (for --orbax_dir).")
-flags.DEFINE_integer("k", None, "num_experts_per_tok written to the HF config (default: the model's k_pre).")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype of the output.")
-flags.DEFINE_string("tokenizer_dir", None, "Directory whose tokenizer files are copied into the output "
-                    "(default for Orbax -> HF: the Orbax dir's own, else the training run's tokenizer).")
-flags.DEFINE_bool("allow_no_tokenizer", False, "Write an HF directory without tokenizer files when none is found.")
-flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard written to --out_hf, in GiB.")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory (either direction).")
-flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as a script: importing this module (tests, notebooks) defines
+  nothing that could clash with another entry point's flags (e.g. --out) in the same process."""
+  flags.DEFINE_string("hf_dir", None, "HF checkpoint directory to convert to Orbax (with --out).")
+  flags.DEFINE_string("out", None, "Orbax output directory (for --hf_dir).")
+  flags.DEFINE_string("orbax_dir", None, "phds_jax Orbax checkpoint to convert to HF (with --out_hf).")
+  flags.DEFINE_string("out_hf", None, "HF output directory (for --orbax_dir).")
+  flags.DEFINE_integer("k", None, "num_experts_per_tok written to the HF config (default: the model's k_pre).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Weight dtype of the output.")
+  flags.DEFINE_string("tokenizer_dir", None, "Directory whose tokenizer files are copied into the output "
+                      "(default for Orbax -> HF: the Orbax dir's own, else the training run's tokenizer).")
+  flags.DEFINE_bool("allow_no_tokenizer", False, "Write an HF directory without tokenizer files when none is found.")
+  flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard written to --out_hf, in GiB.")
+  flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory (either direction).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar over tensors.")
+
+
 F = flags.FLAGS
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class ConvertError(ValueError):
+class ConvertError(cli.UserError, ValueError):
   """A conversion the user asked for that cannot be done as asked (the message says what to pass)."""
 
 
@@ -121,13 +127,12 @@ def main(argv: list[str]) -> None:
   if dest is None:
     raise app.UsageError("--hf_dir needs --out" if to_orbax else "--orbax_dir needs --out_hf")
   start = time.perf_counter()
-  with console.user_errors(ConvertError, hf.CheckpointError, FileNotFoundError, FileExistsError):
-    check_output(dest, F.overwrite)
-    if to_orbax:
-      params = hf_to_orbax(F.hf_dir, dest, F.dtype, F.progress, F.overwrite)
-    else:
-      params = orbax_to_hf(F.orbax_dir, dest, F.k, F.dtype, F.tokenizer_dir, int(F.max_shard_gb * 2**30),
-                           F.progress, F.overwrite, F.allow_no_tokenizer)
+  check_output(dest, F.overwrite)  # errors: ConvertError / CheckpointError -> one line via cli.run
+  if to_orbax:
+    params = hf_to_orbax(F.hf_dir, dest, F.dtype, F.progress, F.overwrite)
+  else:
+    params = orbax_to_hf(F.orbax_dir, dest, F.k, F.dtype, F.tokenizer_dir, int(F.max_shard_gb * 2**30),
+                         F.progress, F.overwrite, F.allow_no_tokenizer)
   count, nbytes = _summary(params)
   print(f"converted {F.hf_dir or F.orbax_dir} -> {dest}: {count:,} params, {nbytes / 2**20:,.1f} MiB, "
         f"{time.perf_counter() - start:.1f}s", file=sys.stdout, flush=True)
@@ -135,4 +140,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   console.quiet_backend_probe()
-  app.run(main)
+  define_flags()
+  cli.run(main)

@@ -92,16 +92,13 @@ def run(fv: flags.FlagValues = FLAGS):
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from phds_jax import console, hf  # pylint: disable=g-import-not-at-top
-  from phds_jax.evaluation import EvalDataError  # pylint: disable=g-import-not-at-top
-  with console.user_errors(EvalDataError, hf.CheckpointError, FileNotFoundError):
-    run(FLAGS)
+  run(FLAGS)  # bad data / checkpoints are cli.UserErrors: one line, exit 2 (--debug: traceback)
   logging.info("wrote %s", FLAGS.out)
   print((Path(FLAGS.out) / "results.md").read_text())
 
 
 if __name__ == "__main__":
-  from phds_jax import console  # pylint: disable=g-import-not-at-top
+  from phds_jax import cli, console  # pylint: disable=g-import-not-at-top
   console.quiet_backend_probe()
   define_flags()
-  app.run(main)
+  cli.run(main)

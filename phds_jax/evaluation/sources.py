@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from phds_jax import cli
+
 Doc = dict[str, Any]
 Located = tuple[str, Doc]
 
 
-class EvalDataError(ValueError):
+class EvalDataError(cli.UserError, ValueError):
   """Unusable evaluation data; the message starts with where it is (file:line, file: row N, tfds:...[i])."""
 
 
