@@ -398,3 +398,36 @@ def test_trainer_selector_burn_in_ties_and_resume():
   c.select.task = "ppl:x.txt"
   with pytest.raises(ValueError, match="multiple choice"):
     protocol.validate_select(c)
+
+
+def test_trainer_exports_the_selected_step(tmp_path):
+  """select.export='selected': the trainer scores validation MC items after the burn-in, keeps the best step's
+  checkpoint, and exports that step's weights (not the last step's) with selection.json saying so."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from phds_jax import checkpoint as params_ckpt  # pylint: disable=g-import-not-at-top
+  from phds_jax.experiments import runs  # pylint: disable=g-import-not-at-top
+  from phds_jax.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=16, num_heads=2, num_kv_heads=2, head_dim=8,
+                    moe_ffn=8, num_layers=1, max_position_embeddings=256)
+  base = str(hf.save(tmp_path / "base", cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
+                     tokenizer_dir=os.path.join(ASSETS, "demo_tokenizer")))
+  c = demo.get_config()
+  c.init.path = c.tokenizer_dir = base
+  c.schedule.update(dict(k_train=(2, 4), anchor=2))
+  c.num_steps, c.batch_size, c.microbatches, c.data.max_len = 3, 8, 1, 64
+  c.checkpoint.update(dict(every_steps=3, async_save=False))  # only the last step is a regular checkpoint
+  c.eval.update(dict(every_steps=1, batches=1, ks=(4,)))  # one compiled held-out eval
+  c.final_eval.tasks, c.export.hf = (), False
+  c.select.update(dict(signal="mc", task="jsonl:" + os.path.join(ASSETS, "demo_sft", "mc_eval.jsonl"), limit=1,
+                       burn_in_steps=1, export="selected"))
+  result = train_and_evaluate(c, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "selection.json") as f:
+    sel = json.load(f)
+  assert [h["step"] for h in sel["history"]] == [2, 3]  # step 1 is inside the burn-in
+  # One item scores the same at both steps: the tie keeps step 2, which was checkpointed because it was best.
+  assert sel["selected_step"] == result.selected_step == sel["exported_step"] == 2 and result.final_step == 3
+  exported = params_ckpt.load_params(result.orbax_dir)[1]
+  at_2 = runs.restore_params(str(tmp_path / "run" / "checkpoints"), 2)
+  at_3 = runs.restore_params(str(tmp_path / "run" / "checkpoints"), 3)
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(exported, at_2) and not same(exported, at_3)

@@ -128,7 +128,7 @@ def test_lb_loss_normalisation_by_k_or_hf_form():
   import jax  # pylint: disable=g-import-not-at-top
   from phds_jax.models import router  # pylint: disable=g-import-not-at-top
   logits = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
-  for k in (1, 2, 4):
+  for k in (1, 3):
     ours = router.route(logits, k=k, k_pre=4, mode="soft").lb_loss
     hf_form = router.route(logits, k=k, k_pre=4, mode="soft", lb_norm="hf").lb_loss
     assert float(hf_form) == pytest.approx(k * float(ours), rel=1e-6)

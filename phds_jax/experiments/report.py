@@ -327,7 +327,8 @@ def _rule_section(t: dict[str, Any], primary: bool) -> list[str]:
   if t.get("anchors"):
     lines += [f"Anchor chosen on validation per seed (phds_curriculum): {t['anchors']}", ""]
   lines += ["### Paper claims at this scale", ""]
-  lines += [f"- **{c['verdict']}** — {c['claim']}: {c['wording']}. {c['evidence']}" for c in t["claims"]]
+  lines += [f"- **{c['verdict']}** — {c['claim']}: " + (f"{c['wording']}. " if c["verdict"] != "not testable" else "")
+            + c["evidence"] for c in t["claims"]]
   lines += ["", "### Accuracy by k" + (" (average over the MC tasks)" if len(t.get("mc_tasks", [])) > 1 else ""), ""]
   rows = [[m] + [f"{_f(v[k]['mean'])} ± {_f((v[k]['hi'] - v[k]['lo']) / 2)}" for k in ks]
           for m, v in t["accuracy"].items()]
