@@ -203,10 +203,12 @@ def test_nonfinite_state_is_refused_at_save(tmp_path):
 
 
 def test_truncated_newest_step_in_a_real_run(tiny_ckpt, tmp_path):
-  """The trainer resumes past a truncated newest step from the older one and finishes; data_stats.json written."""
+  """The trainer resumes past a truncated newest step from the older one and finishes; data_stats.json written;
+  the first run's workdir is given as a file:// URL."""
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(fast_config(tiny_ckpt), workdir)
-  assert step_dirs(workdir) == [2, 3]
+  first = loop.train_and_evaluate(fast_config(tiny_ckpt, **{"export.orbax": True}), f"file://{workdir}")
+  assert first.workdir == workdir and step_dirs(workdir) == [2, 3]  # a file:// URL is a local path
+  assert os.path.isdir(os.path.join(first.orbax_dir, "params"))
   truncate(largest_state_file(os.path.join(workdir, "checkpoints", "3")))
   result = loop.train_and_evaluate(fast_config(tiny_ckpt), workdir)
   assert result.final_step == 3 and step_dirs(workdir) == [2, 3]
@@ -323,18 +325,14 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
 # ----- 6. remote-style paths -----
 
 def test_url_handling_without_network(tiny_ckpt, tmp_path, monkeypatch):
-  """file:// URLs are local paths; gs:// stays a URL (never ./gs:/...) and fails with a message naming it."""
+  """gs:// stays a URL (never ./gs:/...) and fails with a message naming it; file:// URLs are local paths."""
   assert paths.normalize(f"file://{tmp_path}/run") == f"{tmp_path}/run"
   assert paths.normalize("gs://bucket/run/") == "gs://bucket/run"
   assert paths.join("gs://bucket/run", "checkpoints") == "gs://bucket/run/checkpoints"
   monkeypatch.chdir(tmp_path)
   with pytest.raises(TrainConfigError, match="workdir 'gs://bucket/run' cannot be created"):
     loop.train_and_evaluate(fast_config(tiny_ckpt), "gs://bucket/run")
-  assert not os.path.exists(tmp_path / "gs:")
-  result = loop.train_and_evaluate(fast_config(tiny_ckpt, num_steps=1, **{"export.orbax": True}),
-                                   f"file://{tmp_path}/url_run")
-  assert result.workdir == f"{tmp_path}/url_run" and step_dirs(result.workdir) == [1]
-  assert os.path.isdir(os.path.join(result.orbax_dir, "params"))
+  assert not os.path.exists(tmp_path / "gs:")  # (a file:// workdir runs in test_truncated_newest_step_in_a_real_run)
 
 
 def test_staging_copies_a_tree_and_leaves_local_paths_alone(tmp_path):
