@@ -7,9 +7,10 @@ r"""One MoE layer forward (hard mode) at k = 1..k_pre: does time fall with k?
         --routing-impl pallas --tokens 1 16384                           # GPU: decode step and prefill
 
 Prints t(k)/t(k_pre) beside k/k_pre for each gmm implementation, all measured in one run (the target on
-GPU/TPU: t(k)/t(k_pre) <= k/k_pre + 0.10; the last column says by how much each misses it). An implementation
-that fails at some k (OOM, compile error, unavailable here) prints "n/a (reason)" there; the rest stands. At small token counts it also prints the weight-read floor: the
-bytes of the expert weights the step must read (distinct experts hit x expert size, plus router and shared
+GPU/TPU: t(k)/t(k_pre) <= k/k_pre + 0.10; the "excess" column says by how much each misses it). An
+implementation that fails at some k (OOM, compile error, unavailable here) prints "n/a (reason)" there; the
+rest stands. At small token counts it also prints the weight-read floor: the bytes of the expert weights the
+step must read (distinct experts hit x expert size, plus router and shared
 expert) over the memory bandwidth measured in the same run with a large copy.
 """
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None):
                            "default when other jobs share the machine). Must precede jax's first use.")
   args = parser.parse_args(argv)
   if args.threads == 1:
-    initialized = getattr(getattr(jax._src, "xla_bridge", None), "backends_are_initialized", lambda: False)  # noqa: SLF001
+    bridge = getattr(jax._src, "xla_bridge", None)  # noqa: SLF001 - private, hence the getattr
+    initialized = getattr(bridge, "backends_are_initialized", lambda: False)
     if initialized():
       raise RuntimeError("--threads 1 must be set before jax initialises its CPU backend")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "

@@ -38,8 +38,10 @@ from phds_jax.kernels.tuning import AUTO_ORDERS, SMALL_PROBLEM_MACS, auto_order,
 
 IMPLS: tuple[str, ...] = ("auto", "tokamax", "pallas", "jax", "ragged_dot", "dense")
 
-__all__ = ["AUTO_ORDERS", "IMPLS", "PERMUTE_IMPLS", "SMALL_PROBLEM_MACS", "auto_order", "device_kind", "dispatch", "lowering_for", "target_platform", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas", "gmm_ragged_dot", "gmm_tiled", "gmm_tokamax", "impl_order",
-           "tgmm", "tgmm_dense", "tgmm_pallas", "tgmm_ragged_dot", "tgmm_tiled", "tgmm_tokamax"]
+__all__ = ["AUTO_ORDERS", "IMPLS", "PERMUTE_IMPLS", "SMALL_PROBLEM_MACS", "auto_order", "device_kind", "dispatch",
+           "lowering_for", "target_platform", "gather_rows", "weighted_combine", "gmm", "gmm_dense", "gmm_pallas",
+           "gmm_ragged_dot", "gmm_tiled", "gmm_tokamax", "impl_order", "tgmm", "tgmm_dense", "tgmm_pallas",
+           "tgmm_ragged_dot", "tgmm_tiled", "tgmm_tokamax"]
 
 
 def impl_order(impl: str = "auto", backend: str | None = None, dense_macs: int | None = None,
