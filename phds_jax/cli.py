@@ -96,7 +96,7 @@ def explain_override_error(argv: Sequence[str], err: BaseException) -> UserError
     field = a[len("--config."):].partition("=")[0]
     if names and field not in names:
       return UserError(f"unknown config field {field!r} in {a}{close_matches(field, names)}",
-                       fix=f"fields of {located[0]}: python -c \"...get_config()\" lists them; remove or rename it")
+                       fix=f"remove or rename it; {located[0]} (and configs/base.py) define the fields")
   return UserError(f"bad config override ({type(err).__name__}: {err}) in {' '.join(overrides) or argv[1:]}",
                    fix="check the value's type against the config file's default")
 

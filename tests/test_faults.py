@@ -249,6 +249,14 @@ def test_changed_config_resume(tiny_ckpt, tmp_path):
   assert json.load(open(os.path.join(workdir, "run_info.json")))["config"]["optimizer"]["lr"] == lr
 
 
+def test_fields_added_after_a_run_started_are_no_change_at_their_default():
+  saved = {"optimizer": {"lr": 1e-3}}
+  new = {"optimizer": {"lr": 1e-3, "new_knob": 0}, "new_section": {"x": 1}}
+  assert resume.config_changes(saved, new, {"optimizer": {"new_knob": 0}, "new_section": {"x": 1}}) == {}
+  assert resume.config_changes(saved, new, {"optimizer": {"new_knob": 5}}) == {
+      "new_section.x": (None, 1), "optimizer.new_knob": (None, 0)}
+
+
 def test_changed_shapes_give_a_readable_error(tmp_path):
   """A model of another width is not a damaged checkpoint: one readable line per differing array, nothing moved."""
   def state(width):
@@ -272,6 +280,7 @@ def test_changed_shapes_give_a_readable_error(tmp_path):
     ({"optimizer.lr": -1e-3}, r"optimizer\.lr=-0\.001 must be"),
     ({"optimizer.decya": "linear"}, r"unknown config field 'optimizer\.decya' \(did you mean optimizer\.decay"),
     ({"init.path": "gs://no-such-bucket/ckpt"}, "init.path='gs://no-such-bucket/ckpt'"),
+    ({"resume.allow_changes": ("optimizer.lrr",)}, r"unknown field 'optimizer\.lrr' \(did you mean optimizer\.lr"),
 ])
 def test_config_errors_before_loading(tiny_ckpt, change, match):
   config = fast_config(tiny_ckpt)

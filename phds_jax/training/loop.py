@@ -290,7 +290,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
         log.step(record, ks, np.asarray(metrics["nll_sum_M"]), tokens_m, float(tokens_m.sum()), flops_tok, peak)
         if in_a_row >= max_in_a_row:
           ckpt.finish()
-          good = ckpt.latest_step()
+          good = ckpt.latest_step() or "none yet"
           raise TrainingDiverged(
               f"loss is {loss} (grad_norm {record['grad_norm']}) at step {done} (k={ks}): {in_a_row} non-finite "
               f"step(s) in a row, none applied; stopped without saving. The last good checkpoint is step {good} "

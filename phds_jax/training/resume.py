@@ -53,10 +53,20 @@ def allowed_changes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(s.strip() for s in items if s and s.strip())
 
 
-def config_changes(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-  """field -> (saved value, new value) for every leaf that differs (missing = None)."""
-  a, b = flatten(saved), flatten(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple[Any, Any]]:
+  """field -> (saved value, new value) for every leaf that differs (missing = None).
+
+  A field the saved config lacks (added to phds_jax after the run started) is no change when the new config
+  holds its default (`defaults`, flattened like the configs).
+  """
+  a, b, d = flatten(saved), flatten(new), flatten(defaults or {})
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and not (k not in a and k in d and b.get(k) == d[k])}
+
+
+def _defaults() -> dict:
+  from configs.base import base_config  # pylint: disable=g-import-not-at-top
+  return plain(base_config())
 
 
 def check(config: ml_collections.ConfigDict, saved_meta: dict | None, step: int) -> dict[str, tuple[Any, Any]]:
@@ -68,7 +78,7 @@ def check(config: ml_collections.ConfigDict, saved_meta: dict | None, step: int)
   if saved is None:
     raise ResumeError(f"checkpoint step {step} holds no config to compare with (older format)",
                       fix="use a new --workdir")
-  changes = config_changes(saved, plain(config))
+  changes = config_changes(saved, plain(config), _defaults())
   allowed = allowed_changes(config)
   refused = {k: v for k, v in changes.items() if not _covered(k, SAFE) and not _covered(k, allowed)}
   if refused:

@@ -219,5 +219,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if "select" in config:
     from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top  (it imports this module)
     protocol.validate_select(config)
-  allowed = config.get("resume", {}).get("allow_changes", ())
-  _need(isinstance(allowed, (tuple, list, str)), f"resume.allow_changes={allowed!r} must be field names")
+  _check_allow_changes(config)
+
+
+def _check_allow_changes(config) -> None:
+  """resume.allow_changes names fields or sections (`optimizer.lr`, `data`); a typo would allow nothing."""
+  raw = config.get("resume", {}).get("allow_changes", ())
+  _need(isinstance(raw, (tuple, list, str)), f"resume.allow_changes={raw!r} must be field names",
+        "--config.resume.allow_changes=optimizer.lr,seed")
+  names = [n.strip() for n in (raw.split(",") if isinstance(raw, str) else raw) if n and n.strip()]
+  known = known_fields()
+  for n in names:
+    _need(n in known, f"resume.allow_changes: unknown field {n!r}{cli.close_matches(n, known)}")
