@@ -179,7 +179,7 @@ class RunCheckpointer:
       self.finish()
 
   def _save_error(self, step: int, err: Exception) -> CheckpointSaveError:
-    good = sorted(self.good | set(self.all_steps()) - {step})
+    good = sorted(self.good | (set(self.all_steps()) - {step}))
     return CheckpointSaveError(
         f"saving checkpoint step {step} in {self.directory} failed; older checkpoints are untouched (newest: "
         f"{good[-1] if good else 'none'}). Cause: {type(err).__name__}: {_short(err)}",
