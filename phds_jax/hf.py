@@ -159,7 +159,7 @@ class _Reader:
     if name not in self._handles:
       if not (self.root / name).is_file():
         raise CheckpointError(f"tensor {key!r}: file {self.root / name} listed in {_INDEX} does not exist")
-      self._handles[name] = safe_open(str(self.root / name), framework="numpy")
+      self._handles[name] = _safe_open(self.root / name)
     return self._handles[name]
 
   def where(self, key: str) -> str:
@@ -178,12 +178,20 @@ class _Reader:
     self._handles.clear()
 
 
+def _safe_open(path: Path):
+  """safe_open, with a damaged file (truncated, not safetensors) named in the error."""
+  try:
+    return safe_open(str(path), framework="numpy")
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own untyped errors)
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def _key_files(root: Path) -> dict[str, str]:
   """tensor name -> file name, from the shard index or the single safetensors file."""
   if (root / _INDEX).is_file():
     return dict(json.loads((root / _INDEX).read_text())["weight_map"])
   if (root / _SINGLE).is_file():
-    with safe_open(str(root / _SINGLE), framework="numpy") as f:
+    with _safe_open(root / _SINGLE) as f:
       return {key: _SINGLE for key in f.keys()}
   if list(root.glob("pytorch_model*.bin")) or (root / "pytorch_model.bin.index.json").exists():
     raise CheckpointError(f"{root} holds only PyTorch .bin weights; only safetensors checkpoints are supported "
@@ -198,6 +206,8 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     raise CheckpointError(f"{file} not found: not a Hugging Face checkpoint directory")
   try:
     return config_from_hf(json.loads(file.read_text()), **overrides)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{file}: malformed JSON ({e})") from e
   except ConfigError as e:
     raise ConfigError(f"{file}: {e}") from e
 

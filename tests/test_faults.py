@@ -315,6 +315,8 @@ def test_damaged_init_checkpoint_names_the_file(tiny_ckpt, tmp_path, damage):
     name = "config.json"
   with pytest.raises(TrainConfigError, match=os.path.join(bad, name)):
     validate_config(fast_config(bad))
+  with pytest.raises((hf.CheckpointError, models.ConfigError), match=os.path.join(bad, name)):
+    hf.load(bad)  # the library API names the file too
 
 
 def _cli(args: list[str], env=None) -> subprocess.CompletedProcess:
