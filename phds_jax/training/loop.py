@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
 import time
 from typing import Any
