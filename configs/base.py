@@ -51,11 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_nonfinite_in_a_row = 1  # updates with a non-finite loss/gradient are skipped; stop after this many in a row
   c.eval = ml_collections.ConfigDict(dict(every_steps=200, batches=8, ks=()))  # ks () = 1..k_pre ∪ K_train
   # Checkpoint selection (training/protocol.py, docs/method.md §1.7): scored every eval.every_steps after the
-  # burn-in; signal 'mc' = accuracy on a validation MC task (summary: the paper's, after 5,000 steps),
+  # burn-in (burn_in_steps counted in burn_in_unit: steps | epochs | fraction); signal 'mc' = accuracy on a
+  # validation MC task (summary: the paper's, after 5,000 steps),
   # 'loss' = held-out SFT loss; rule 'best_at_kpre' (summary) or 'mean_over_k' over K_train (review);
   # export 'selected' exports the chosen step instead of the last (ours: 'final' keeps the old behaviour).
   c.select = ml_collections.ConfigDict(dict(signal="loss", task="", limit=0, batch_size=16, rule="best_at_kpre",
-                                            burn_in_steps=0, export="final", log_ks=()))
+                                            burn_in_steps=0.0, burn_in_unit="steps", export="final",
+                                            log_ks=()))
   c.final_eval = ml_collections.ConfigDict(dict(tasks=(), limit=0, batch_size=16))  # MC tasks per k at the end
   c.export = ml_collections.ConfigDict(dict(hf=True, orbax=True))
   c.peak_tflops = 0.0  # per-device peak for MFU (0 = look up by device kind)
