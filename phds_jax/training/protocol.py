@@ -97,13 +97,23 @@ def resolve_units(config: ml_collections.ConfigDict, tokenizer: Any,
 
 
 def resolve_for_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
-  """resolve_units with the run's own tokenizer, built only when an epoch has to be counted."""
-  tokenizer = None
-  if needs_epoch(config):
-    from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    tokenizer = data_lib.ChatTokenizer.from_dir(config.get("tokenizer_dir") or config.init.path,
-                                                template=config.data.get("template", "auto"))
-  return resolve_units(config, tokenizer)
+  """resolve_units with the run's own tokenizer and data, read only when an epoch has to be counted (remote
+  inputs through local copies, as the trainer reads them; paths.staged caches them for the run itself)."""
+  if not needs_epoch(config):
+    return resolve_units(config, None)
+  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  raw = config.to_dict()
+  data = config.data.get("path")
+  if data:
+    files = [f for p in ([data] if isinstance(data, str) else list(data))
+             for f in (paths.glob(p) if paths.is_remote(p) else [p])]
+    raw["data"]["path"] = tuple(paths.staged(f) for f in files)  # a new dict: the field may be a str
+  local = ml_collections.ConfigDict(raw)
+  tokenizer = data_lib.ChatTokenizer.from_dir(paths.staged(config.get("tokenizer_dir") or config.init.path),
+                                              template=config.data.get("template", "auto"))
+  rows = count_packed_rows(local, tokenizer)
+  _need(rows > 0, f"data.path={data!r}: the training split packs into no rows")
+  return resolve_units(config, tokenizer, rows_per_epoch=rows)
 
 
 # ------------------------------------------------------------------------------------------------ selection
