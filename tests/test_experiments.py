@@ -329,9 +329,12 @@ def test_driver_smoke(tmp_path):
   c.k_train, c.anchors = (2, 4), (2, 4)  # two compiled branches instead of three; two anchors swept
   c.train.num_steps, c.train.batch_size, c.train.data.max_len = 2, 8, 64  # 8 fake devices
   c.train.checkpoint.every_steps, c.train.eval.batches = 1, 1
-  c.eval.update(dict(limit=4, ks=(2, 4), tasks=("jsonl:" + os.path.join(ASSETS, "demo_sft", "mc_eval.jsonl"),
-                                                 "ppl:" + os.path.join(ASSETS, "demo_power", "ppl_test.txt"))))
-  c.eval.limit = 2  # 2 MC items, 2 perplexity documents
+  data = os.path.join(os.path.dirname(__file__), "testdata", "eval")
+  c.eval.update(dict(limit=2, ks=(2, 4), max_new_tokens=4,  # 2 items / documents of each task
+                     tasks=("jsonl:" + os.path.join(ASSETS, "demo_sft", "mc_eval.jsonl"),
+                            "arc_easy:" + os.path.join(data, "arc_easy.jsonl"),
+                            "ppl:" + os.path.join(ASSETS, "demo_power", "ppl_test.txt"),
+                            "triviaqa:" + os.path.join(data, "triviaqa.jsonl"))))
   c.select.update(dict(limit=4, burn_in_steps=1, rules=("best_at_kpre", "mean_over_k")))
   c.report.update(dict(pairs=((2, 4),), n_boot=20))
   workdir = str(tmp_path / "wd")
@@ -340,9 +343,13 @@ def test_driver_smoke(tmp_path):
     assert os.path.isfile(os.path.join(workdir, name)), name
   t = out["rules"]["best_at_kpre"]
   assert set(t["accuracy"]) == {"base", "phds_curriculum_a2", "phds_curriculum_a4", "phds_curriculum"}
-  assert t["n_items"] == 2 and t["ks"] == [2, 4] and set(t["anchors"]) == {0} and t["anchors"][0] in (2, 4)
+  assert t["n_items"] == 4 and t["ks"] == [2, 4] and set(t["anchors"]) == {0} and t["anchors"][0] in (2, 4)
   assert t["selected_steps"]["phds_curriculum_a2"][0] == 2  # the burn-in of 1 step excludes step 1
   assert set(t["validation"]["phds_curriculum_a4"]) == {0}  # validation MC accuracy of the selected step
+  assert t["per_task"]["triviaqa"]["kind"] == "gen" and t["per_task"]["triviaqa"]["n_items"] == 2
+  assert t["mc_tasks"] == ["jsonl:mc_eval", "arc_easy"]  # generation is reported per task, not in the MC average
+  per_task = [t["per_task"][name]["accuracy"]["base"][4]["mean"] for name in t["mc_tasks"]]
+  assert t["accuracy"]["base"][4]["mean"] == pytest.approx(np.mean(per_task))  # the average of task accuracies
   (ppl,) = t["perplexity"].values()
   assert set(ppl) == set(t["accuracy"]) and set(ppl["base"]["mean"]) == {2, 4}
   assert ppl["base"]["relative_increase"][4] == 0.0
