@@ -196,9 +196,11 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str, num_devices: int,
                     f"({config.microbatches}): the trainer will refuse it")
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   ck = config.checkpoint
+  sel = config.get("select", {})
+  mc = sel.get("signal") == "mc"
   keep = (f"every {ck.every_steps:,} steps, the latest {ck.keep} kept"
-          + (" plus the best by validation loss" if config.data.get("validation_fraction", 0) > 0
-             and config.eval.batches > 0 else ""))
+          + (f" plus the best by validation {'MC accuracy' if mc else 'loss'} (select.*)"
+             if mc or (config.data.get("validation_fraction", 0) > 0 and config.eval.batches > 0) else ""))
   return Plan(
       config_name=config.name, init=f"{config.init.kind}:{config.init.path}",
       model=dict(model_type=cfg.model_type, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
