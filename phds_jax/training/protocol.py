@@ -41,9 +41,11 @@ def _need(cond: bool, msg: str, fix: str | None = None) -> None:
 
 
 def count_packed_rows(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
-  """Rows of one pass over the training split after tokenization and packing (one host, unshuffled)."""
+  """Rows of one pass over the whole training split after tokenization and packing (every host counts all of
+  it, unshuffled, so each derives the same step counts)."""
   from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  cfg = data_lib.as_config(config.data, batch_size=1, part="train", num_epochs=1, shuffle=False)
+  cfg = data_lib.as_config(config.data, batch_size=1, part="train", num_epochs=1, shuffle=False, shard_index=0,
+                           shard_count=1)
   return sum(1 for _ in data_lib.make_dataset(cfg, tokenizer))
 
 
