@@ -301,9 +301,9 @@ def test_methods_share_the_recipe_and_differ_in_schedule(cfg):
   assert configs["oracle_k2"].init.path == cfg.oracle_bases[0] and configs["oracle_k2"].eval.ks == (1, 2)
   assert configs["phds_uniform"].schedule.mode == "uniform"
   assert configs["phds_curriculum_a2"].schedule.anchor == 2 and configs["phds_curriculum_a3"].schedule.anchor == 3
-  assert configs["phds_curriculum_a3"].schedule.switch_unit == "epochs"
+  assert configs["phds_curriculum_a3"].schedule.switch_unit == "steps"
   for c in configs.values():
-    assert c.seed == 1 and c.num_epochs == cfg.train.num_epochs and c.optimizer == cfg.train.optimizer
+    assert c.seed == 1 and c.num_steps == cfg.train.num_steps and c.optimizer == cfg.train.optimizer
     assert c.checkpoint.keep * c.checkpoint.every_steps > c.num_steps and c.final_eval.tasks == ()
     assert c.select.signal == "mc" and c.select.burn_in_steps == cfg.select.burn_in_steps
   assert configs["oracle_k2"].select.log_ks == (2,) and configs["naive"].select.log_ks == (4,)

@@ -42,10 +42,13 @@ def _need(cond: bool, msg: str, fix: str | None = None) -> None:
 
 def count_packed_rows(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
   """Rows of one pass over the whole training split after tokenization and packing (every host counts all of
-  it, unshuffled, so each derives the same step counts)."""
+  it, unshuffled, so each derives the same step counts), packed with as many bins as the trainer packs with
+  (a host's batch): fewer bins fill rows less tightly (8% more rows with one bin on the toy data)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  bins = config.data.get("pack_bins") or max(1, config.batch_size // jax.process_count())
   cfg = data_lib.as_config(config.data, batch_size=1, part="train", num_epochs=1, shuffle=False, shard_index=0,
-                           shard_count=1)
+                           shard_count=1, pack_bins=bins)
   return sum(1 for _ in data_lib.make_dataset(cfg, tokenizer))
 
 
