@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.anchor = 2  # used only when `anchors` is empty
   # (summary) the curriculum began at ~93.9% of one epoch; here it starts at step 80 of 85, the same share
   # (0.94) of training (ours: how far past one epoch the paper ran is unknown).
-  c.switch_at, c.switch_unit = 80, "steps"
+  c.switch_at, c.switch_unit = 80.0, "steps"
   c.ramp = 0.0  # hard switch (ours)
   c.seeds = (0,)  # one training seed: the intervals cover test items only (the 2-core time budget, ours)
 
