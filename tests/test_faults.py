@@ -358,6 +358,27 @@ def test_staging_copies_a_tree_and_leaves_local_paths_alone(tmp_path):
   assert [paths.is_remote(u) for u in ("gs://b/x", "s3://b/x", "file:///x", "/x", "x")] == [True, True] + [False] * 3
 
 
+def test_remote_inputs_are_staged_into_a_runnable_config(tiny_ckpt, tmp_path, monkeypatch):
+  """gs:// init, tokenizer and data globs become local copies in a config the data pipeline reads (the bucket is
+  stood in for by a local folder: no network here; the copy itself is tested above)."""
+  bucket = tmp_path / "bucket"
+  shutil.copytree(os.path.join(os.path.dirname(paths.__file__), "assets", "demo_sft"), bucket / "data")
+  shutil.copytree(tiny_ckpt, bucket / "ckpt")
+  to_local = lambda url: str(bucket / url[len("gs://bucket/"):])
+  monkeypatch.setattr(paths, "staged", lambda url, cache_dir=None: to_local(url) if paths.is_remote(url) else url)
+  monkeypatch.setattr(paths, "glob", lambda pattern: sorted(
+      "gs://bucket/" + os.path.relpath(f, bucket) for f in __import__("glob").glob(to_local(pattern))))
+  config = fast_config(tiny_ckpt)
+  config.init.path = "gs://bucket/ckpt"
+  config.data.path = "gs://bucket/data/train*.jsonl"
+  local = loop._local_inputs(config)
+  assert local.init.path == str(bucket / "ckpt") and local.tokenizer_dir == str(bucket / "ckpt")
+  assert local.data.path == (str(bucket / "data" / "train.jsonl"),)
+  assert config.data.path == "gs://bucket/data/train*.jsonl"  # the saved, compared config keeps the URLs
+  records = loop.data_lib.load_source(loop._data_config(local, 8, "train", validation_fraction=0.0))
+  assert len(records) > 0
+
+
 # ----- SIGKILL mid-save, disk full during save -----
 
 def _train_cmd(ckpt: str, workdir: str, num_steps: int) -> list[str]:

@@ -119,16 +119,17 @@ def _local_inputs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   init checkpoint (safetensors are memory-mapped), the tokenizer, data files. Orbax init stays remote."""
   if not any(paths.is_remote(p) for p in _input_paths(config)):
     return config
-  local = ml_collections.ConfigDict(config.to_dict())
+  fields = config.to_dict()  # edited as a dict: a ConfigDict refuses a tuple where the config has a string
   if config.init.kind == "hf" and paths.is_remote(config.init.path):
-    local.init.path = paths.staged(config.init.path)
+    fields["init"]["path"] = paths.staged(config.init.path)
   if paths.is_remote(config.get("tokenizer_dir") or config.init.path):
-    local.tokenizer_dir = paths.staged(config.get("tokenizer_dir") or config.init.path)
+    fields["tokenizer_dir"] = paths.staged(config.get("tokenizer_dir") or config.init.path)
   data = config.data.get("path")
   if data:
     files = [f for p in ([data] if isinstance(data, str) else list(data))
              for f in (paths.glob(p) if paths.is_remote(p) else [p])]
-    local.data.path = tuple(paths.staged(f) if paths.is_remote(f) else f for f in files)
+    fields["data"]["path"] = tuple(paths.staged(f) if paths.is_remote(f) else f for f in files)
+  local = ml_collections.ConfigDict(fields)
   logging.info("remote inputs staged locally: init %s, tokenizer %s, data %s", local.init.path,
                local.get("tokenizer_dir"), local.data.get("path"))
   return local
