@@ -33,16 +33,6 @@ ASSETS = demo_assets.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-  """A tiny random OLMoE (k_pre 4) in HF format with the demo tokenizer."""
-  path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=32, num_heads=2, num_kv_heads=2, moe_ffn=16)
-  hf.save(path, cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
-          tokenizer_dir=os.path.join(ASSETS, "demo_tokenizer"))
-  return path
-
-
 def fast_config(ckpt: str, **changes):
   """One k level (one compiled branch), no eval, no export: seconds per run on CPU."""
   c = demo.get_config()

@@ -1,8 +1,6 @@
 """The trainer end to end on a tiny model: validation, no recompiles, resume after SIGKILL, NaN stop, export."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,16 +20,6 @@ from phds_jax.training.validation import TrainConfigError, validate_config
 
 ASSETS = demo_assets.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-  """A tiny random OLMoE in HF format with the demo tokenizer (vocab 2048)."""
-  path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-  cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=32, num_heads=2, num_kv_heads=2, moe_ffn=16)
-  hf.save(path, cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
-          tokenizer_dir=os.path.join(ASSETS, "demo_tokenizer"))
-  return path
 
 
 def tiny_config(ckpt: str, **changes):
