@@ -105,3 +105,17 @@ def train_step_ms(model: Any, tokens: np.ndarray, *, dtype: str = "float32", rep
     return _median_ms(run, repeats, warmup)
   finally:
     model.eval()
+
+
+def per_k(model: Any, ks: list[int], measure, *args, **kwargs) -> dict[int, Any]:
+  """`measure(model, *args, **kwargs)` with the model re-dialled to each k; a model that did not build (an NA
+  from `attempt`) fills every cell with its reason. Failures of one k stay in that k's cell."""
+  from benchmarks.common import NA, attempt  # pylint: disable=g-import-not-at-top
+  out = {}
+  for k in ks:
+    if isinstance(model, NA):
+      out[k] = model
+    else:
+      set_k(model, k)
+      out[k] = attempt(measure, model, *args, **kwargs)
+  return out

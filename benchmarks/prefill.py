@@ -78,14 +78,7 @@ def main(argv: list[str] | None = None):
       columns[f"{gmm_impl}/{attn_impl}"] = {k: attempt(ours_ms, cfg, params, tokens, k, args.repeats) for k in ks}
   del params
   hf_model = NA("skipped", "--no-hf") if args.no_hf else attempt(hf_torch.build, base, args.dtype)
-  hf = {}
-  for k in ks:
-    if isinstance(hf_model, NA):
-      hf[k] = hf_model
-    else:
-      hf_torch.set_k(hf_model, k)
-      hf[k] = attempt(hf_torch.forward_ms, hf_model, tokens_np, repeats=args.repeats)
-  columns["HF torch"] = hf
+  columns["HF torch"] = hf_torch.per_k(hf_model, ks, hf_torch.forward_ms, tokens_np, repeats=args.repeats)
 
   names = list(columns)
   head = " ".join(f"{n[:22]:>22} {'MFU%':>8} {'t/t_pre':>8}" for n in names)
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None):
       print(f"    {note}")
   best = {k: min((columns[n][k] for n in names[:-1] if not isinstance(columns[n][k], NA)), default=None) for k in ks}
   if all(best[k] is not None for k in ks):
-    speed = " ".join(f"k={k}: {cell(ratio(hf[k], best[k]), 0)}x" for k in ks)
+    speed = " ".join(f"k={k}: {cell(ratio(columns['HF torch'][k], best[k]), 0)}x" for k in ks)
     print(f"HF / best of ours: {speed}")
 
 

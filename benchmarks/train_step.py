@@ -80,13 +80,7 @@ def main(argv: list[str] | None = None):
     ks = args.ks or sorted({1, base.k_pre // 2, base.k_pre})
     hf_model = NA("skipped", "--no-hf") if args.no_hf else attempt(hf_torch.build, base)
     hf_tokens = np.random.default_rng(0).integers(0, base.vocab_size, (rows, seq))
-    hf_ms = {}
-    for k in ks:
-      if isinstance(hf_model, NA):
-        hf_ms[k] = hf_model
-      else:
-        hf_torch.set_k(hf_model, k)
-        hf_ms[k] = attempt(hf_torch.train_step_ms, hf_model, hf_tokens, dtype=args.dtype)
+    hf_ms = hf_torch.per_k(hf_model, ks, hf_torch.train_step_ms, hf_tokens, dtype=args.dtype)
     params = models.init_params(base, jax.random.PRNGKey(0))
     tx = optax.adamw(1e-4)
     for impl in args.gmm_impls:
