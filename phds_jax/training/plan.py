@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 from typing import Any
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from phds_jax import parallel
+from phds_jax.training import memory
 from phds_jax.hf_config import config_from_hf
 from phds_jax.models.config import ModelConfig
 
@@ -145,19 +145,6 @@ def resolve_mesh(mesh: dict[str, int], num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def per_device_bytes(shapes: Any, mesh_sizes: dict[str, int]) -> int:
-  """Bytes of one device's shard of `shapes` under the trainer's sharding rules (ceil per sharded dim)."""
-  fake_mesh = types.SimpleNamespace(shape=mesh_sizes)  # spec_for only reads the axis sizes
-  total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    spec = parallel.spec_for(parallel._path(path), tuple(leaf.shape), fake_mesh)  # pylint: disable=protected-access
-    n = 1
-    for dim, axis in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      n *= math.ceil(dim / mesh_sizes[axis]) if axis else dim
-    total += n * leaf.dtype.itemsize
-  return total
-
-
 def active_params(cfg: ModelConfig, shapes: Any, k: int) -> int:
   """Parameters a token passes through at top-k: everything but the unchosen routed experts."""
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
@@ -185,7 +172,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str, num_devices: int,
   shapes = param_shapes(cfg)
   mesh = resolve_mesh(dict(config.mesh), num_devices)
   parallel.validate_mesh_for_model(types.SimpleNamespace(shape=mesh), cfg.num_experts)
-  param_bytes = per_device_bytes(shapes, mesh)  # gradients and optax's AdamW moments share param_dtype
+  param_bytes = memory.shard_bytes(shapes, mesh)  # gradients and optax's AdamW moments share param_dtype
   warnings = []
   remote = "://" in workdir
   if num_hosts > 1 and not remote:
