@@ -198,7 +198,7 @@ class RunCheckpointer:
       raise self._save_error(step, e) from e
     if self.verify:
       try:
-        self._read_verified(step, abstract, data_iter=None)
+        self.read_verified(step, abstract, data_iter=None)
       except BadCheckpoint as e:
         logging.error("checkpoint step %d failed its read-back check (%s); keeping the older steps", step, e)
         self.quarantine(step, str(e))
@@ -234,8 +234,9 @@ class RunCheckpointer:
       meta = reader.metadata(self._step_dir(step) / "state").item_metadata
     return getattr(meta, "tree", meta)
 
-  def _read_verified(self, step: int, target: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restores `step` into `target`, checks it against its manifest; BadCheckpoint if either fails."""
+  def read_verified(self, step: int, target: Any, data_iter: Any = None) -> tuple[Any, dict]:
+    """Restores `step` into `target`, checks it against its manifest; BadCheckpoint if either fails. Public for
+    readers of a chosen step (the trainer's export of the selected step), not only the resume path."""
     items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
                  manifest=ocp.args.JsonRestore())
     if data_iter is not None:
@@ -284,7 +285,7 @@ class RunCheckpointer:
                           + "; ".join(diff),
                           fix="resume with the config the run was started with, or use a new --workdir")
       try:
-        state, meta = self._read_verified(step, target_state, data_iter)
+        state, meta = self.read_verified(step, target_state, data_iter)
       except BadCheckpoint as e:
         self._report_bad(step, str(e))
         continue

@@ -313,7 +313,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
     final_step = max(int(state.step), start)
     exported_step = final_step
     if config.select.export == "selected" and selector.best_step not in (None, final_step):
-      state, _ = ckpt._read_verified(selector.best_step, state, None)  # pylint: disable=protected-access
+      state, _ = ckpt.read_verified(selector.best_step, state)
       exported_step = selector.best_step
     final = heldout_losses(eval_fn, state.params, heldout, eval_ks) if heldout else {}
   hf_dir = orbax_dir = None
