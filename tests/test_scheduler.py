@@ -89,6 +89,15 @@ def test_eos_cancel_and_shutdown(model):
   assert long.done.wait(60) and long.reason == "cancelled" and len(long.tokens) < 40
   assert sched.num_active == 0
 
+  busy = [Collector() for _ in range(2)]  # both slots taken, so the next request waits in the queue
+  busy_handles = [sched.submit([9, 10], k=2, sampling=SamplingParams(max_new_tokens=40), listener=c) for c in busy]
+  queued = Collector()
+  sched.submit([13], k=2, sampling=SamplingParams(max_new_tokens=2), listener=queued).cancel()
+  assert queued.done.wait(60) and queued.reason == "cancelled" and not queued.tokens
+  assert not all(c.done.is_set() for c in busy)  # it left the queue while the slots were still busy
+  for h in busy_handles:
+    h.cancel()
+
   in_flight = Collector()
   sched.submit([11, 12], k=2, sampling=SamplingParams(max_new_tokens=20), listener=in_flight)
   sched.shutdown(drain=True, timeout=60)

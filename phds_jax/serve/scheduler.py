@@ -277,6 +277,11 @@ class Scheduler:
       self._accept_token(slot, first)
 
   def _iteration(self) -> None:
+    with self._cond:  # cancelled requests leave the queue at once, not when a slot frees up
+      dropped = [r for r in self._waiting if r.cancelled]
+      self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+    for request in dropped:
+      self._finish(request, "cancelled")
     for slot, request in enumerate(self._slots):
       if request is not None and request.cancelled:
         self._free(slot, "cancelled")
