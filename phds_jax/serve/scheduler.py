@@ -294,22 +294,18 @@ class Scheduler:
       try:
         tokens = self._decode(k, slots)
       except Exception:
-        log.exception("decode step at k=%d failed; ending its %d requests", k, len(slots))
-        for slot in slots:
-          self._free(slot, "error")
-        self._reset_device_state_keeping(slots_alive=[s for s, r in enumerate(self._slots) if r is not None])
+        # The donated cache may be gone with the failed call: every request holding a slot ends, not only k's.
+        log.exception("decode step at k=%d failed; ending the %d requests holding slots", k, self.num_active)
+        for slot, request in enumerate(self._slots):
+          if request is not None:
+            self._free(slot, "error")
+        self._reset_device_state()
         return
       for slot in slots:  # tokens past a row's end (EOS, length, cancel) within a call are dropped
         for token in tokens[slot]:
           if self._slots[slot] is None or self._slots[slot].cancelled:
             break
           self._accept_token(slot, int(token))
-
-  def _reset_device_state_keeping(self, slots_alive: list[int]) -> None:
-    """After a failed step the donated cache may be gone: every request still holding a slot ends too."""
-    for slot in slots_alive:
-      self._free(slot, "error")
-    self._reset_device_state()
 
   def _run(self) -> None:
     while True:
