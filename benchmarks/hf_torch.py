@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from phds_jax.hf_config import config_to_hf
+from phds_jax.hf.config import config_to_hf
 from phds_jax.models.config import ModelConfig
 
 

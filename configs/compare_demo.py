@@ -5,7 +5,7 @@
 
 Bases (never re-pretrained here): phds_jax/assets/demo_base (k_pre=4) and the oracle bases pretrained at
 k=2, 3 with the same recipe (configs/demo_pretrain_oracle.py). Data: phds_jax/assets/demo_power
-(phds_jax/experiments/toy_data.py), an SFT split of the demo sentences with 1,188 held-out test items (a 95%
+(tools/toy_data.py), an SFT split of the demo sentences with 1,188 held-out test items (a 95%
 CI of about ±0.03), 298 validation items for selection and a perplexity text. Every trained method shares
 configs/demo.py's SFT recipe; only the init checkpoint and the k schedule differ. Tags as in docs/method.md:
 (summary), (review), (inferred), (ours).

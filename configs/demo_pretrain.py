@@ -1,7 +1,7 @@
 """How the demo's base model (phds_jax/assets/demo_base) was made: a small OLMoE-style MoE pretrained at
 k_pre = 4 on Python standard-library docstrings. Regenerate everything with
 
-    python -m phds_jax.demo_assets --pretrain
+    python -m tools.demo_assets --pretrain
 
 (about 10 minutes on 2 CPU cores). All values are ours; this is a toy stand-in for a pretrained MoE.
 """

@@ -98,7 +98,7 @@ def find_tokenizer(orbax_dir: str | Path, tokenizer_dir: str | None, allow_none:
 def hf_to_orbax(hf_dir: str, out: str, dtype: str | None, progress: bool, overwrite: bool) -> Any:
   cfg, params = hf.load(hf_dir, dtype, progress=progress)
   root = checkpoint.save_params(out, cfg, params, overwrite=overwrite)
-  for name in hf._TOKENIZER_FILES:  # pylint: disable=protected-access  (one list of what a tokenizer is)
+  for name in hf.TOKENIZER_FILES:  # one list of what a tokenizer is
     if (Path(hf_dir) / name).is_file():
       shutil.copy2(Path(hf_dir) / name, root / name)
   return params

@@ -13,6 +13,9 @@ import re
 
 from etils import epath
 
+# Files shipped inside the package: the demo base models, tokenizer and data (built by tools/demo_assets.py).
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 

@@ -23,9 +23,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> str:
   """A tiny random OLMoE (k_pre 4) in HF format with the demo tokenizer (vocab 2048): the trainer's tests."""
-  from phds_jax import demo_assets, hf, models
+  from phds_jax import hf, models, paths
   path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
   cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=32, num_heads=2, num_kv_heads=2, moe_ffn=16)
   hf.save(path, cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
-          tokenizer_dir=os.path.join(demo_assets.ASSETS_DIR, "demo_tokenizer"))
+          tokenizer_dir=os.path.join(paths.ASSETS_DIR, "demo_tokenizer"))
   return path

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from phds_jax import models, parallel  # noqa: E402
+from phds_jax import models, sharding  # noqa: E402
 from phds_jax.training import step as step_lib  # noqa: E402
 
 STEPS = 3
@@ -37,13 +37,13 @@ def setup():
 def main(pid: int, port: str) -> None:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
   cfg, params, tx = setup()
-  mesh = parallel.make_mesh(dict(data=2))
+  mesh = sharding.make_mesh(dict(data=2))
   full = global_batch(cfg)
   rows = full["tokens"].shape[1] // 2
   local = {k: v[:, pid * rows:(pid + 1) * rows] for k, v in full.items()}  # this host's shard only
   with jax.set_mesh(mesh):
     state, shardings = step_lib.sharded_init_state(params, tx, mesh)
-    bs = parallel.batch_sharding(mesh, leading_unsharded=1)
+    bs = sharding.batch_sharding(mesh, leading_unsharded=1)
     batch = {k: jax.make_array_from_process_local_data(bs, v) for k, v in local.items()}
     fn = jax.jit(step_lib.make_train_step(cfg, LEVELS, tx), in_shardings=(shardings, bs, None),
                  out_shardings=(shardings, None))

@@ -436,7 +436,7 @@ def test_load_model_from_params_checkpoint(tiny, tmp_path):
 
 # ---------------------------------------------------------------------------- demo checkpoint, user paths
 
-DEMO = Path(hf.__file__).parent / "assets" / "demo_base"
+DEMO = Path(hf.__file__).parent.parent / "assets" / "demo_base"
 
 
 def test_prefix_token_defaults_to_the_tokenizers_end_of_text_and_can_be_set():
@@ -458,7 +458,7 @@ def test_all_tasks_checked_before_scoring_and_finished_tasks_kept(tmp_path, monk
   from phds_jax.evaluation import runner
   cfg, params = hf.load(DEMO)
   tok = hf.load_tokenizer(DEMO)
-  mc = str(Path(hf.__file__).parent / "assets" / "demo_sft" / "mc_eval.jsonl")
+  mc = str(Path(hf.__file__).parent.parent / "assets" / "demo_sft" / "mc_eval.jsonl")
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"context": "x", "choices": ["a"]}\n')
   calls = []

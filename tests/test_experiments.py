@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from configs import compare_demo
-from phds_jax import demo_assets, hf, models
+from phds_jax import hf, models, paths
 from phds_jax.experiments import aggregate as agg
 from phds_jax.experiments import config as cfg_lib
 from phds_jax.experiments import report, selection
 
-ASSETS = demo_assets.ASSETS_DIR
+ASSETS = paths.ASSETS_DIR
 
 
 # ----------------------------------------------------------------------------------------------- selection

@@ -24,12 +24,12 @@ import optax
 import pytest
 
 from configs import demo
-from phds_jax import cli, demo_assets, hf, models, paths
+from phds_jax import cli, hf, models, paths
 from phds_jax.training import loop, observe, resume, step as step_lib
 from phds_jax.training.checkpointing import ResumeError, RunCheckpointer
 from phds_jax.training.validation import TrainConfigError, validate_config
 
-ASSETS = demo_assets.ASSETS_DIR
+ASSETS = paths.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -24,7 +24,8 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from phds_jax import checkpoint, hf, hf_config  # noqa: E402
+from phds_jax import checkpoint, hf  # noqa: E402
+from phds_jax.hf import config as hf_config  # noqa: E402
 from phds_jax.models.config import ConfigError, tiny  # noqa: E402
 from tests.hf_models import make_tiny_hf_model  # noqa: E402
 

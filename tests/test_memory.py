@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from phds_jax import parallel
+from phds_jax import sharding
 from phds_jax.models import config as config_lib
 from phds_jax.training import memory
 
@@ -32,10 +32,10 @@ def _params():
 @pytest.mark.parametrize("mesh_shape", [{"fsdp": 2, "expert": 4}, {"fsdp": 4, "expert": 2}])
 def test_estimate_equals_sharded_arrays(mesh_shape):
   cfg, params = CFG, _params()
-  mesh = parallel.make_mesh(mesh_shape)
-  sharded = jax.device_put(params, parallel.param_shardings(params, mesh))
+  mesh = sharding.make_mesh(mesh_shape)
+  sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
   opt_state = optax.adamw(1e-3).init(params)
-  opt_state = jax.device_put(opt_state, parallel.param_shardings(opt_state, mesh))  # as the trainer shards it
+  opt_state = jax.device_put(opt_state, sharding.param_shardings(opt_state, mesh))  # as the trainer shards it
   moments = [s for s in jax.tree.leaves(opt_state) if s.ndim > 0]  # mu and nu (the step count is a scalar)
 
   est = memory.state_bytes_per_device(cfg, mesh_shape)

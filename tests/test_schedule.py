@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from phds_jax import schedule
+from phds_jax.training import schedule
 
 
 def test_uniform_is_uniform_and_deterministic():

@@ -14,11 +14,11 @@ import pytest
 
 from configs import demo
 from phds_jax import checkpoint as params_ckpt
-from phds_jax import demo_assets, hf, models
+from phds_jax import hf, models, paths
 from phds_jax.training import loop, observe, optimizer, step as step_lib
 from phds_jax.training.validation import TrainConfigError, validate_config
 
-ASSETS = demo_assets.ASSETS_DIR
+ASSETS = paths.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax import models
+from phds_jax import models, shapes
 from phds_jax.models.config import ModelConfig
 
 Ids = list[int]
@@ -30,7 +30,7 @@ def bucket_length(n: int, max_length: int, min_bucket: int = 16) -> int:
   """The padded length for a sequence of n tokens: the next power of two in [min_bucket, max_length]."""
   if n > max_length:
     raise ValueError(f"sequence of {n} tokens exceeds max_length {max_length}")
-  return min(max(min_bucket, 1 << max(n - 1, 0).bit_length()), max_length)
+  return shapes.bucket(n, min_bucket, max_length)
 
 
 def _batches(order: Sequence[int], batch_size: int) -> list[list[int]]:

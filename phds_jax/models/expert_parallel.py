@@ -14,11 +14,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from phds_jax import kernels
+from phds_jax.sharding import BATCH_AXES, EXPERT_AXIS
 from phds_jax.models.experts import combine, dispatch, routed_experts, sort_by_expert
 from phds_jax.models.layers import swiglu
 
-BATCH_AXES = ("data", "fsdp", "expert")  # every mesh axis shards the batch
-EXPERT_AXIS = "expert"
 
 
 def active_mesh():

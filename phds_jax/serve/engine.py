@@ -24,17 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax import models
+from phds_jax import models, shapes
 from phds_jax.models.attention import KVCache
 from phds_jax.models.config import ModelConfig
 from phds_jax.serve.sampling import RowSampling, SamplingParams, sample
 
 Ids = list[int]
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-  """Next power of two >= max(n, minimum): the padded sizes that bound the number of compilations."""
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 # --------------------------------------------------------------------------------------- batch generation
@@ -99,8 +94,8 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
       raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed max_len "
                        f"{max_len}")
   b = bucket(len(prompts))
-  p_len = bucket(max(len(p) for p in prompts), 8)
-  new_cap = bucket(max(p.max_new_tokens for p in per_row), 8)
+  p_len = shapes.bucket(max(len(p) for p in prompts), 8)
+  new_cap = shapes.bucket(max(p.max_new_tokens for p in per_row), 8)
   rows = list(range(len(prompts))) + [0] * (b - len(prompts))  # filler rows repeat prompt 0, then dropped
   tokens = np.zeros((b, p_len), np.int32)
   mask = np.zeros_like(tokens)

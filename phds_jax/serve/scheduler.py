@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from phds_jax import models
+from phds_jax import models, shapes
 from phds_jax.models.config import ModelConfig
 from phds_jax.serve import engine
 from phds_jax.serve.sampling import RowSampling, SamplingParams
@@ -103,7 +103,7 @@ class Scheduler:
     self.cfg, self.params, self.ks = cfg, params, ks
     self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
     self.eos_ids = frozenset(int(e) for e in eos_ids)
-    self.chunk = min(engine.bucket(prefill_chunk), engine.bucket(max_len))
+    self.chunk = min(shapes.bucket(prefill_chunk), shapes.bucket(max_len))
     self.steps_per_call = steps_per_call
     # Room for the left padding of a prompt's first chunk and the steps a call runs past a row's end.
     self.cache_len = max_len + self.chunk + steps_per_call

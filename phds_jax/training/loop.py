@@ -24,9 +24,9 @@ import numpy as np
 
 from phds_jax import checkpoint as params_ckpt
 from phds_jax import data as data_lib
-from phds_jax import cli, hf, models, parallel, paths, schedule
+from phds_jax import cli, hf, models, paths, sharding
 from phds_jax.models import router as router_lib
-from phds_jax.training import observe, optimizer, protocol, resume, step as step_lib
+from phds_jax.training import observe, optimizer, protocol, resume, schedule, step as step_lib
 from phds_jax.training.checkpointing import RunCheckpointer
 from phds_jax.training.validation import TrainConfigError, validate_config
 
@@ -186,7 +186,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
   saved_meta, changes = _resume_check(config, ckpt)
   rng = jax.random.PRNGKey(config.seed)
   sched = k_schedule(config)
-  mesh = parallel.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(dict(config.mesh))
   microbatches = config.microbatches
   host_batch = config.batch_size // jax.process_count()
   local = _local_inputs(config)  # remote inputs staged to local disk; `config` (saved, compared) keeps the URLs
@@ -204,7 +204,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
 
   model_cfg, params = load_init(local, rng)
   schedule.validate(sched, model_cfg.k_pre)
-  parallel.validate_mesh_for_model(mesh, model_cfg.num_experts)
+  sharding.validate_mesh_for_model(mesh, model_cfg.num_experts)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise TrainConfigError(f"tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model only "
                            f"{model_cfg.vocab_size}", fix="set tokenizer_dir to the checkpoint's tokenizer")
@@ -212,8 +212,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: RunCheckpointe
   with jax.set_mesh(mesh):
     state, state_shardings = step_lib.sharded_init_state(params, tx, mesh)
     del params
-    batch_sharding = parallel.batch_sharding(mesh, leading_unsharded=1)
-    eval_sharding = parallel.batch_sharding(mesh)
+    batch_sharding = sharding.batch_sharding(mesh, leading_unsharded=1)
+    eval_sharding = sharding.batch_sharding(mesh)
     heldout = [{k: jax.make_array_from_process_local_data(eval_sharding, v) for k, v in b.items()} for b in heldout]
 
     # The config travels with every checkpoint; the schedule needs no state beyond the step (k is a pure

@@ -4,7 +4,7 @@ Mixed precision as in Megatron / MaxText: fp32 master weights (`param_dtype`), b
 layer casts its weights at use, inside the jitted step, so the bf16 copies are transient activations, not
 state), fp32 gradients (the gradient of an fp32 parameter) and fp32 AdamW moments (optax keeps mu/nu in the
 parameters' dtype). Per device, every tensor counts its shard under the trainer's sharding rules
-(`parallel.spec_for`): an axis shards a dimension only where it divides it, as in training.
+(`sharding.spec_for`): an axis shards a dimension only where it divides it, as in training.
 
     est = memory.state_bytes_per_device(cfg, {"data": 1, "fsdp": 8, "expert": 1})
     print(est.render())          # params 1.6 GiB + grads 1.6 GiB + AdamW 3.3 GiB = 6.5 GiB per device
@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from phds_jax import parallel
+from phds_jax import sharding
 from phds_jax.models.config import ModelConfig
 
 __all__ = ["MemoryEstimate", "param_shapes", "shard_bytes", "state_bytes_per_device"]
@@ -64,10 +64,10 @@ def param_shapes(cfg: ModelConfig) -> Any:
 
 def shard_bytes(shapes: Any, mesh_sizes: dict[str, int], dtype=None) -> int:
   """Bytes of one device's shard of every leaf (in `dtype`, else each leaf's own), by the training rules."""
-  mesh = types.SimpleNamespace(shape={a: int(mesh_sizes.get(a, 1)) for a in parallel.MESH_AXES})
+  mesh = types.SimpleNamespace(shape={a: int(mesh_sizes.get(a, 1)) for a in sharding.MESH_AXES})
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    spec = parallel.spec_for(parallel._path(path), tuple(leaf.shape), mesh)  # noqa: SLF001 - same rules as training
+    spec = sharding.spec_for(sharding.path_str(path), tuple(leaf.shape), mesh)  # the rules training uses
     elems = 1
     for i, dim in enumerate(leaf.shape):
       axis = spec[i] if i < len(spec) else None
@@ -83,14 +83,14 @@ def state_bytes_per_device(cfg: ModelConfig, mesh_sizes: dict[str, int] | None =
   if optimizer not in OPTIMIZER_MOMENTS:
     raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_MOMENTS)}")
   mesh_sizes = dict(mesh_sizes or {})
-  unknown = set(mesh_sizes) - set(parallel.MESH_AXES)
+  unknown = set(mesh_sizes) - set(sharding.MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {parallel.MESH_AXES}")
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {sharding.MESH_AXES}")
   shapes = param_shapes(cfg)
   params = shard_bytes(shapes, mesh_sizes)
   grads = shard_bytes(shapes, mesh_sizes, grad_dtype)
   moments = OPTIMIZER_MOMENTS[optimizer] * shard_bytes(shapes, mesh_sizes, moment_dtype)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-  return MemoryEstimate(mesh={a: int(mesh_sizes.get(a, 1)) for a in parallel.MESH_AXES}, num_params=num_params,
+  return MemoryEstimate(mesh={a: int(mesh_sizes.get(a, 1)) for a in sharding.MESH_AXES}, num_params=num_params,
                         params=params, grads=grads, optimizer=moments, compute_dtype=cfg.dtype,
                         master_dtype=cfg.param_dtype)

@@ -2,7 +2,7 @@
 
 The plan is for launching, so it never loads weights and never touches an accelerator: parameter shapes come
 from the init checkpoint's small config.json (traced abstractly with `jax.eval_shape`), the per-device share of
-each parameter from the same sharding rules the trainer uses (`parallel.spec_for`), and the device count is the
+each parameter from the same sharding rules the trainer uses (`sharding.spec_for`), and the device count is the
 target's (`num_devices`), not this host's. It answers the questions a launch needs before it spends a
 reservation: the mesh, whether parameters + gradients + AdamW moments fit per device, tokens per step, the k
 schedule, and where checkpoints go (and whether every host can see that place).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
 from typing import Any
 
 import jax
@@ -25,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from phds_jax import parallel
+from phds_jax import sharding
 from phds_jax.training import memory
-from phds_jax.hf_config import config_from_hf
+from phds_jax.hf.config import config_from_hf
 from phds_jax.models.config import ModelConfig
 
 STATE_HEADROOM = 0.75  # states may use at most this share of device memory; the rest is for activations
@@ -131,20 +130,6 @@ def param_shapes(cfg: ModelConfig) -> Any:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.param_dtype)), shapes)
 
 
-def resolve_mesh(mesh: dict[str, int], num_devices: int) -> dict[str, int]:
-  """Mesh sizes with the -1 axis filled in for `num_devices` (parallel.make_mesh's rule, without devices)."""
-  sizes = {a: int(mesh.get(a, 1)) for a in parallel.MESH_AXES}
-  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
-  for axis, size in sizes.items():
-    if size == -1:
-      if num_devices % fixed:
-        raise parallel.MeshError(f"mesh {dict(mesh)} cannot be completed for {num_devices} devices")
-      sizes[axis] = num_devices // fixed
-  if int(np.prod(list(sizes.values()))) != num_devices:
-    raise parallel.MeshError(f"mesh {sizes} has {int(np.prod(list(sizes.values())))} devices, not {num_devices}")
-  return sizes
-
-
 def active_params(cfg: ModelConfig, shapes: Any, k: int) -> int:
   """Parameters a token passes through at top-k: everything but the unchosen routed experts."""
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
@@ -170,8 +155,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str, num_devices: int,
   """The plan of `config` on `num_devices` devices over `num_hosts` hosts (see the module docstring)."""
   cfg = model_config(config)
   shapes = param_shapes(cfg)
-  mesh = resolve_mesh(dict(config.mesh), num_devices)
-  parallel.validate_mesh_for_model(types.SimpleNamespace(shape=mesh), cfg.num_experts)
+  mesh = sharding.mesh_sizes(dict(config.mesh), num_devices)
+  sharding.validate_mesh_for_model(mesh, cfg.num_experts)
   param_bytes = memory.shard_bytes(shapes, mesh)  # gradients and optax's AdamW moments share param_dtype
   warnings = []
   remote = "://" in workdir

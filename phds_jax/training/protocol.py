@@ -23,7 +23,8 @@ from typing import Any
 
 import ml_collections
 
-from phds_jax import paths, schedule
+from phds_jax import paths
+from phds_jax.training import schedule
 from phds_jax.training.validation import TrainConfigError
 
 SIGNALS = ("loss", "mc")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from phds_jax import models
+from phds_jax import models, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -50,9 +50,8 @@ def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
 
 def sharded_init_state(params: Any, tx: optax.GradientTransformation, mesh) -> tuple[TrainState, Any]:
   """The initial state laid out by the mesh's sharding rules (optimizer moments sharded like their params)."""
-  from phds_jax import parallel  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
-  shardings = parallel.param_shardings(abstract, mesh)
+  shardings = sharding.param_shardings(abstract, mesh)
   params = jax.device_put(params, shardings.params)
   return jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params), shardings
 

@@ -17,7 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from phds_jax import cli, parallel, paths, schedule
+from phds_jax import cli, paths, sharding
+from phds_jax.training import schedule
 from phds_jax.models.config import GMM_IMPLS, ROUTING_IMPLS, ModelConfig
 
 INIT_KINDS = ("hf", "orbax", "scratch")
@@ -202,13 +203,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     schedule.validate(sched, int(k_pre))
   except (schedule.ScheduleError, ValueError) as e:
     raise TrainConfigError(f"schedule: {e}") from None
-  mesh = dict(config.mesh)
-  sizes = [int(mesh.get(a, 1)) for a in parallel.MESH_AXES]
-  known = int(np.prod([x for x in sizes if x != -1]))
   n = jax.device_count()
-  _need(set(mesh) <= set(parallel.MESH_AXES), f"mesh axes {sorted(mesh)} must be among {parallel.MESH_AXES}")
-  _need(sizes.count(-1) <= 1 and (n % known == 0 if -1 in sizes else known == n),
-        f"mesh {mesh} does not match the {n} available devices")
+  try:
+    sharding.mesh_sizes(dict(config.mesh), n)
+  except sharding.MeshError as e:
+    raise TrainConfigError(f"mesh: {e}", fix="--config.mesh.data=-1 takes every device") from None
   _need(config.batch_size % (n * config.microbatches) == 0,
         f"batch_size={config.batch_size} must be divisible by data-parallel size ({n}) x microbatches "
         f"({config.microbatches})")

@@ -5,7 +5,7 @@
 `AutoModelForCausalLM.from_pretrained` reads. Both stream tensor by tensor so that a 7B model never exists
 twice in host memory.
 
-Every parameter leaf is described by a list of `_Piece`s: which HF tensor fills which slice of the leaf and
+Every parameter leaf is described by a list of `Piece`s: which HF tensor fills which slice of the leaf and
 how it is transposed. That one table drives loading, saving and validation, so the three cannot disagree.
 
 Dtypes: `load` gives float32 parameters unless `dtype` is passed (the checkpoint's own dtype is not used,
@@ -35,15 +35,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from phds_jax.hf_config import config_from_hf, config_to_hf  # noqa: F401  (part of this module's API)
+from phds_jax.hf.config import config_from_hf, config_to_hf
+from phds_jax.hf.layout import Leaf, LeafPath, Piece, param_specs
 from phds_jax.models.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
-LeafPath = tuple[str, ...]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                     "chat_template.json", "generation_config.json")
 _INDEX = "model.safetensors.index.json"
@@ -52,95 +52,6 @@ _SINGLE = "model.safetensors"
 
 class CheckpointError(ValueError):
   """A checkpoint directory that cannot be read or written; the message names the tensor and file."""
-
-
-# ------------------------------------------------------------------------------------------ layout table
-
-
-@dataclasses.dataclass(frozen=True)
-class _Piece:
-  """One HF tensor that fills `leaf[index]` after `np.transpose(tensor, perm)`."""
-
-  key: str
-  shape: tuple[int, ...]  # HF shape
-  index: tuple = ()
-  perm: tuple[int, ...] | None = None
-
-
-_T = (1, 0)  # torch Linear [out, in] <-> our kernel [in, out]
-_ET = (0, 2, 1)  # fused expert stacks [E, out, in] <-> [E, in, out]
-_ALL = slice(None)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-  shape: tuple[int, ...]
-  pieces: tuple[_Piece, ...]
-
-
-def _linear(specs: dict, path: LeafPath, key: str, din: int, dout: int, bias: bool = False) -> None:
-  specs[(*path, "kernel")] = _Leaf((din, dout), (_Piece(f"{key}.weight", (dout, din), perm=_T),))
-  if bias:
-    specs[(*path, "bias")] = _Leaf((dout,), (_Piece(f"{key}.bias", (dout,)),))
-
-
-def _vector(specs: dict, path: LeafPath, key: str, n: int) -> None:
-  specs[path] = _Leaf((n,), (_Piece(key, (n,)),))
-
-
-def _glu(specs: dict, path: LeafPath, key: str, d: int, f: int) -> None:
-  """A SwiGLU MLP: wi [D, 2F] = [gate | up] columns, wo [F, D]."""
-  specs[(*path, "wi")] = _Leaf((d, 2 * f), (
-      _Piece(f"{key}.gate_proj.weight", (f, d), (_ALL, slice(0, f)), _T),
-      _Piece(f"{key}.up_proj.weight", (f, d), (_ALL, slice(f, 2 * f)), _T)))
-  specs[(*path, "wo")] = _Leaf((f, d), (_Piece(f"{key}.down_proj.weight", (d, f), perm=_T),))
-
-
-def _experts(specs: dict, path: LeafPath, key: str, e: int, d: int, f: int, fused: bool) -> None:
-  """Routed experts, from per-expert Linear weights or from transformers' fused in-memory stacks."""
-  if fused:
-    wi = (_Piece(f"{key}.gate_up_proj", (e, 2 * f, d), perm=_ET),)
-    wo = (_Piece(f"{key}.down_proj", (e, d, f), perm=_ET),)
-  else:
-    wi = tuple(p for i in range(e) for p in (
-        _Piece(f"{key}.{i}.gate_proj.weight", (f, d), (i, _ALL, slice(0, f)), _T),
-        _Piece(f"{key}.{i}.up_proj.weight", (f, d), (i, _ALL, slice(f, 2 * f)), _T)))
-    wo = tuple(_Piece(f"{key}.{i}.down_proj.weight", (d, f), (i,), _T) for i in range(e))
-  specs[(*path, "wi")] = _Leaf((e, d, 2 * f), wi)
-  specs[(*path, "wo")] = _Leaf((e, f, d), wo)
-
-
-def param_specs(cfg: ModelConfig, fused_layers: frozenset[int] | set[int] = frozenset()) -> dict[LeafPath, _Leaf]:
-  """Our parameter leaves, in HF file order, each with the HF tensors it is made of."""
-  d, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
-  q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  specs: dict[LeafPath, _Leaf] = {}
-  specs[("embed", "embedding")] = _Leaf((v, d), (_Piece("model.embed_tokens.weight", (v, d)),))
-  for i in range(cfg.num_layers):
-    lp, key = f"layer_{i}", f"model.layers.{i}"
-    a = f"{key}.self_attn"
-    _vector(specs, (lp, "input_norm", "scale"), f"{key}.input_layernorm.weight", d)
-    _linear(specs, (lp, "attn", "q_proj"), f"{a}.q_proj", d, q_out, cfg.qkv_bias)
-    _linear(specs, (lp, "attn", "k_proj"), f"{a}.k_proj", d, kv_out, cfg.qkv_bias)
-    _linear(specs, (lp, "attn", "v_proj"), f"{a}.v_proj", d, kv_out, cfg.qkv_bias)
-    _linear(specs, (lp, "attn", "o_proj"), f"{a}.o_proj", q_out, d, cfg.o_bias)
-    if cfg.qk_norm != "none":
-      full = cfg.qk_norm == "full"
-      _vector(specs, (lp, "attn", "q_norm", "scale"), f"{a}.q_norm.weight", q_out if full else hd)
-      _vector(specs, (lp, "attn", "k_norm", "scale"), f"{a}.k_norm.weight", kv_out if full else hd)
-    _vector(specs, (lp, "post_attn_norm", "scale"), f"{key}.post_attention_layernorm.weight", d)
-    if not cfg.moe_layers[i]:
-      _glu(specs, (lp, "mlp"), f"{key}.mlp", d, cfg.dense_ffn)
-      continue
-    _linear(specs, (lp, "moe", "router"), f"{key}.mlp.gate", d, cfg.num_experts)
-    _experts(specs, (lp, "moe"), f"{key}.mlp.experts", cfg.num_experts, d, cfg.moe_ffn, i in fused_layers)
-    if cfg.shared_ffn:
-      _glu(specs, (lp, "moe", "shared"), f"{key}.mlp.shared_expert", d, cfg.shared_ffn)
-      _linear(specs, (lp, "moe", "shared_gate"), f"{key}.mlp.shared_expert_gate", d, 1)
-  _vector(specs, ("final_norm", "scale"), "model.norm.weight", d)
-  if not cfg.tie_embeddings:
-    _linear(specs, ("lm_head",), "lm_head", d, v)
-  return specs
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -212,7 +123,7 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     raise ConfigError(f"{file}: {e}") from e
 
 
-def _validate(specs: dict[LeafPath, _Leaf], reader: _Reader, cfg: ModelConfig, strict: bool) -> None:
+def _validate(specs: dict[LeafPath, Leaf], reader: _Reader, cfg: ModelConfig, strict: bool) -> None:
   """Checks names, shapes and dtypes from the headers alone, before any tensor data is read."""
   wanted = [p for leaf in specs.values() for p in leaf.pieces]
   missing = [p.key for p in wanted if p.key not in reader.key_file]
@@ -287,7 +198,7 @@ def _weights_dtype(flat: dict[LeafPath, Any], dtype: Any) -> jnp.dtype:
   return out
 
 
-def _check_tree(flat: dict[LeafPath, Any], specs: dict[LeafPath, _Leaf]) -> None:
+def _check_tree(flat: dict[LeafPath, Any], specs: dict[LeafPath, Leaf]) -> None:
   """Every expected leaf present with its shape, and nothing else (which `save` would silently drop)."""
   for path, leaf in specs.items():
     if path not in flat:
@@ -299,10 +210,10 @@ def _check_tree(flat: dict[LeafPath, Any], specs: dict[LeafPath, _Leaf]) -> None
     raise CheckpointError(f"params have leaves the HF layout has no place for: {', '.join(extra[:10])}")
 
 
-def _plan_shards(pieces: list[tuple[LeafPath, _Piece]], itemsize: int,
-                 max_bytes: int) -> list[list[tuple[LeafPath, _Piece]]]:
+def _plan_shards(pieces: list[tuple[LeafPath, Piece]], itemsize: int,
+                 max_bytes: int) -> list[list[tuple[LeafPath, Piece]]]:
   """Greedy shards in file order; a tensor larger than `max_bytes` gets a shard of its own."""
-  shards: list[list[tuple[LeafPath, _Piece]]] = [[]]
+  shards: list[list[tuple[LeafPath, Piece]]] = [[]]
   size = 0
   for item in pieces:
     nbytes = int(np.prod(item[1].shape)) * itemsize
@@ -314,7 +225,7 @@ def _plan_shards(pieces: list[tuple[LeafPath, _Piece]], itemsize: int,
   return shards
 
 
-def _host_tensors(flat: dict[LeafPath, Any], shard: list[tuple[LeafPath, _Piece]], dtype: jnp.dtype,
+def _host_tensors(flat: dict[LeafPath, Any], shard: list[tuple[LeafPath, Piece]], dtype: jnp.dtype,
                   bar: tqdm) -> Iterator[tuple[str, np.ndarray]]:
   """HF tensors of one shard; one parameter leaf at a time is copied to the host."""
   cached_path, host = None, None
@@ -388,7 +299,7 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Params, k: int | Non
       index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    for name in _TOKENIZER_FILES if tokenizer_dir is not None else ():
+    for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
       if (Path(tokenizer_dir) / name).is_file():
         shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
     if not (tmp / "generation_config.json").exists():

@@ -1,6 +1,6 @@
 r"""The toy comparison's data (phds_jax/assets/demo_power/): an SFT split with enough held-out items for power.
 
-    python -m phds_jax.experiments.toy_data   # rewrites phds_jax/assets/demo_power/ (deterministic, offline)
+    python -m tools.toy_data   # rewrites phds_jax/assets/demo_power/ (deterministic, offline)
 
 The shipped demo SFT set (demo_sft/) holds out only 295 sentences, so its accuracy intervals are ±0.05 and a
 gap of a few points cannot be seen. Here the same stdlib-docstring sentences (6..40 words, the demo base saw
@@ -19,7 +19,7 @@ import os
 from absl import app
 import numpy as np
 
-from phds_jax import demo_assets
+from tools import demo_assets
 
 OUT = os.path.join(demo_assets.ASSETS_DIR, "demo_power")
 TEST_FRACTION, VALID_FRACTION = 0.40, 0.10  # of the sentences; the rest is SFT data
@@ -56,10 +56,10 @@ def build(out: str = OUT) -> dict[str, int]:
   parts = {name: [s for s in sents if split_of(s) == name] for name in ("train", "valid", "test")}
   chats = [{"messages": [{"role": "user", "content": f"Complete: {a}"}, {"role": "assistant", "content": b}]}
            for a, b in map(demo_assets.split_sentence, parts["train"])]
-  counts = {"train": demo_assets._write_jsonl(os.path.join(out, "train.jsonl"), chats),  # pylint: disable=protected-access
-            "mc_valid": demo_assets._write_jsonl(os.path.join(out, "mc_valid.jsonl"),  # pylint: disable=protected-access
+  counts = {"train": demo_assets.write_jsonl(os.path.join(out, "train.jsonl"), chats),
+            "mc_valid": demo_assets.write_jsonl(os.path.join(out, "mc_valid.jsonl"),
                                                  mc_items(parts["valid"], seed=1)),
-            "mc_test": demo_assets._write_jsonl(os.path.join(out, "mc_test.jsonl"),  # pylint: disable=protected-access
+            "mc_test": demo_assets.write_jsonl(os.path.join(out, "mc_test.jsonl"),
                                                 mc_items(parts["test"], seed=2))}
   # Perplexity documents: the test sentences, 20 to a paragraph-like document (rolling windows score them).
   docs = [" ".join(parts["test"][i:i + 20]) for i in range(0, len(parts["test"]), 20)]

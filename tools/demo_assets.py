@@ -1,7 +1,7 @@
 r"""The offline demo's data, made from text every machine has: the Python standard library's docstrings.
 
-    python -m phds_jax.demo_assets --out=phds_jax/assets            # corpus, tokenizer, SFT + MC data
-    python -m phds_jax.demo_assets --out=phds_jax/assets --pretrain # ... and the pretrained demo base model
+    python -m tools.demo_assets --out=phds_jax/assets            # corpus, tokenizer, SFT + MC data
+    python -m tools.demo_assets --out=phds_jax/assets --pretrain # ... and the pretrained demo base model
 
 Pieces (all deterministic given the Python version; the shipped files were made with CPython 3.11):
   demo_tokenizer/   byte-level BPE (`tokenizers`) with a Tülu-style chat template
@@ -27,7 +27,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models as tok_models, pre_tokenizers, trainers
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+from phds_jax.paths import ASSETS_DIR
 MODULES = (
     "os json collections functools itertools re string textwrap argparse logging pathlib datetime random "
     "statistics math heapq bisect dataclasses typing unittest inspect shutil subprocess threading queue csv io "
@@ -105,7 +105,7 @@ def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048) -> N
     json.dump(config, f, indent=1)
 
 
-def _write_jsonl(path: str, records) -> int:
+def write_jsonl(path: str, records) -> int:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   n = 0
   with open(path, "w") as f:
@@ -131,8 +131,8 @@ def make_sft_data(sents: list[str], out_dir: str, seed: int = 0, num_choices: in
     choices = others[:gold] + [b] + others[gold:]
     mc.append({"context": f"<|user|>\nComplete: {a}\n<|assistant|>\n", "choices": choices, "gold": gold,
                "target_delimiter": ""})
-  return {"train": _write_jsonl(os.path.join(out_dir, "train.jsonl"), chats),
-          "mc_eval": _write_jsonl(os.path.join(out_dir, "mc_eval.jsonl"), mc)}
+  return {"train": write_jsonl(os.path.join(out_dir, "train.jsonl"), chats),
+          "mc_eval": write_jsonl(os.path.join(out_dir, "mc_eval.jsonl"), mc)}
 
 
 def build(out: str = ASSETS_DIR) -> dict[str, int]:
@@ -142,7 +142,7 @@ def build(out: str = ASSETS_DIR) -> dict[str, int]:
   # recall of pretraining text through the SFT format; the SFT set itself never contains them.
   # One record per paragraph, so that packing rows of 256 tokens rarely truncates text.
   paragraphs = [p.strip() for d in docs for p in d.split("\n\n") if len(p.strip()) > 20]
-  pretrain = _write_jsonl(os.path.join(out, "demo_corpus", "pretrain.jsonl"), ({"text": p} for p in paragraphs))
+  pretrain = write_jsonl(os.path.join(out, "demo_corpus", "pretrain.jsonl"), ({"text": p} for p in paragraphs))
   counts = make_sft_data(sentences(docs), os.path.join(out, "demo_sft"))
   return {"docstrings": len(docs), "pretrain_paragraphs": pretrain, **counts}
 

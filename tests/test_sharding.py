@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from phds_jax import models, parallel
+from phds_jax import models, sharding
 from phds_jax.training import step as step_lib
 
 
@@ -24,22 +24,22 @@ def _batch(cfg, m, b, t, seed=0):
 
 def test_mesh_validation():
   assert jax.device_count() == 8
-  mesh = parallel.make_mesh(dict(data=-1, expert=2))
+  mesh = sharding.make_mesh(dict(data=-1, expert=2))
   assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "expert": 2}
-  with pytest.raises(parallel.MeshError, match="available"):
-    parallel.make_mesh(dict(data=3))
-  with pytest.raises(parallel.MeshError, match="at most one"):
-    parallel.make_mesh(dict(data=-1, fsdp=-1))
-  with pytest.raises(parallel.MeshError, match="divide num_experts"):
-    parallel.validate_mesh_for_model(parallel.make_mesh(dict(data=1, expert=8)), num_experts=60)
-  parallel.validate_mesh_for_model(parallel.make_mesh(dict(data=2, expert=4)), num_experts=60)
+  with pytest.raises(sharding.MeshError, match="available"):
+    sharding.make_mesh(dict(data=3))
+  with pytest.raises(sharding.MeshError, match="at most one"):
+    sharding.make_mesh(dict(data=-1, fsdp=-1))
+  with pytest.raises(sharding.MeshError, match="divide num_experts"):
+    sharding.validate_mesh_for_model(sharding.make_mesh(dict(data=1, expert=8)), num_experts=60)
+  sharding.validate_mesh_for_model(sharding.make_mesh(dict(data=2, expert=4)), num_experts=60)
 
 
 def test_sharding_rules_drop_non_dividing_axes():
-  mesh = parallel.make_mesh(dict(data=1, fsdp=2, expert=4))
-  assert parallel.spec_for("layer_0/moe/wi", (60, 64, 32), mesh) == jax.sharding.PartitionSpec("expert", "fsdp", None)
-  assert parallel.spec_for("layer_0/moe/wi", (6, 64, 32), mesh) == jax.sharding.PartitionSpec(None, "fsdp", None)
-  assert parallel.spec_for("final_norm/scale", (64,), mesh) == jax.sharding.PartitionSpec()
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, expert=4))
+  assert sharding.spec_for("layer_0/moe/wi", (60, 64, 32), mesh) == jax.sharding.PartitionSpec("expert", "fsdp", None)
+  assert sharding.spec_for("layer_0/moe/wi", (6, 64, 32), mesh) == jax.sharding.PartitionSpec(None, "fsdp", None)
+  assert sharding.spec_for("final_norm/scale", (64,), mesh) == jax.sharding.PartitionSpec()
 
 
 @pytest.mark.parametrize("family, mesh_shape", [
@@ -57,9 +57,9 @@ def test_expert_parallel_forward_and_grads_equal_single_device(family, mesh_shap
     return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["lb_loss"], logits
 
   ref = {k: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, k) for k in (1, 3)}
-  mesh = parallel.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
-    sharded = jax.device_put(params, parallel.param_shardings(params, mesh))
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
     fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     for k in (1, 3):
       (l, logits), g = fn(sharded, k)
@@ -86,11 +86,11 @@ def test_sharded_training_matches_one_device(mesh_shape):
     return losses
 
   ref = run(step_lib.init_state(params, tx), jax.jit(step_fn))
-  mesh = parallel.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
     state, shardings = step_lib.sharded_init_state(params, tx, mesh)
     assert state.opt_state[0].mu["layer_0"]["moe"]["wi"].sharding.spec == shardings.params["layer_0"]["moe"]["wi"].spec
-    bs = parallel.batch_sharding(mesh, leading_unsharded=1)
+    bs = sharding.batch_sharding(mesh, leading_unsharded=1)
     fn = jax.jit(step_fn, in_shardings=(shardings, bs, None), out_shardings=(shardings, None))
     losses = run(state, fn, put=lambda b: jax.device_put(b, bs))
   np.testing.assert_allclose(losses, ref, rtol=2e-5)
@@ -112,8 +112,8 @@ def test_expert_parallel_with_pallas_kernels_equals_single_device():
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
   (_, logits_ref), g_ref = loss_of(ref_cfg)(params)
-  mesh = parallel.make_mesh(dict(data=2, expert=4))
+  mesh = sharding.make_mesh(dict(data=2, expert=4))
   with jax.set_mesh(mesh):
-    (_, logits), g = loss_of(cfg)(jax.device_put(params, parallel.param_shardings(params, mesh)))
+    (_, logits), g = loss_of(cfg)(jax.device_put(params, sharding.param_shardings(params, mesh)))
   np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(jax.device_get(g), g_ref, rtol=1e-4, atol=1e-6)
