@@ -16,7 +16,6 @@ into config.json as `dtype`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os

@@ -93,7 +93,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     if len(prompt) + p.max_new_tokens > max_len:
       raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed max_len "
                        f"{max_len}")
-  b = bucket(len(prompts))
+  b = shapes.bucket(len(prompts))
   p_len = shapes.bucket(max(len(p) for p in prompts), 8)
   new_cap = shapes.bucket(max(p.max_new_tokens for p in per_row), 8)
   rows = list(range(len(prompts))) + [0] * (b - len(prompts))  # filler rows repeat prompt 0, then dropped
