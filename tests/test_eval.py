@@ -15,8 +15,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors, trainers
 
 from phds_jax import hf
-from phds_jax.evaluation import (EvalDataError, MCItem, TextEncoder, evaluate, formats, get_task, metrics as M,
-                                 perplexity, report, sources)
+from phds_jax.evaluation import (EvalDataError, MCItem, TextEncoder, evaluate, get_task, items, metrics as M,
+                                 perplexity, records, report)
 from phds_jax.evaluation.engine import Engine, bucket_length
 from tests.hf_models import make_tiny_hf_model
 
@@ -203,21 +203,21 @@ def test_task_formats_hf_schema():
 
 def test_task_formats_tfds_schema():
   """tfds records arrive as numpy / bytes with ClassLabels as ints; `to_python` + the same converters."""
-  arc = sources.to_python({"question": b"Q?", "answerKey": np.int64(2),
+  arc = records.to_python({"question": b"Q?", "answerKey": np.int64(2),
                            "choices": {"text": np.array([b"a", b"b", b"c"], object), "label": np.array([0, 1, 2])}})
-  assert formats.arc(arc, "t[0]").gold == 2 and formats.arc(arc, "t[0]").choices == ("a", "b", "c")
-  assert formats.boolq({"question": "q", "passage": "p", "answer": True, "title": "t"}, "t").gold == 1
-  assert formats.boolq({"question": "q", "passage": "p", "label": 0, "idx": 3}, "t").gold == 0
-  wino = formats.winogrande({"sentence": "A _ b.", "option1": "x", "option2": "y", "label": 1}, "t")
+  assert items.arc(arc, "t[0]").gold == 2 and items.arc(arc, "t[0]").choices == ("a", "b", "c")
+  assert items.boolq({"question": "q", "passage": "p", "answer": True, "title": "t"}, "t").gold == 1
+  assert items.boolq({"question": "q", "passage": "p", "label": 0, "idx": 3}, "t").gold == 0
+  wino = items.winogrande({"sentence": "A _ b.", "option1": "x", "option2": "y", "label": 1}, "t")
   assert wino.gold == 1 and wino.contexts == ("A x", "A y") and wino.continuations == (" b.", " b.")
-  obqa = formats.openbookqa({"question": {"stem": "S", "choice_A": "a", "choice_B": "b", "choice_C": "c",
+  obqa = items.openbookqa({"question": {"stem": "S", "choice_A": "a", "choice_B": "b", "choice_C": "c",
                                           "choice_D": "d"}, "answerKey": 2}, "t")
   assert obqa.contexts[0] == "S" and obqa.gold == 2 and obqa.choices == ("a", "b", "c", "d")
   hs_hf = _items(f"hellaswag:{DATA / 'hellaswag.jsonl'}")[0]
   doc = json.loads((DATA / "hellaswag.jsonl").read_text().splitlines()[0])
   tfds_doc = {"context": doc["ctx_a"] + " " + doc["ctx_b"], "endings": doc["endings"],
               "activity_label": doc["activity_label"], "label": 3, "split_type": "indomain"}
-  assert formats.hellaswag(tfds_doc, "t") == hs_hf
+  assert items.hellaswag(tfds_doc, "t") == hs_hf
 
 
 def _tiny_arc_builder():

@@ -18,6 +18,10 @@ class DataError(ValueError):
   """A record that cannot be used; the message starts with its location (`file:line`, `file:row N`, `tfds:...`)."""
 
 
+class EmptySourceError(DataError):
+  """A file or dataset with no records at all (readers that word this case themselves catch it)."""
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
   if value not in choices:
     raise ValueError(f"{name}={value!r}; expected one of {choices}")

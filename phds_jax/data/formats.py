@@ -4,6 +4,10 @@
 `output`; becomes one user turn `instruction\n\ninput` and one assistant turn), `text` (`{"text": ...}`), and
 `auto` (picked per record from its keys). `fields` renames keys: `{"output": "answer"}` reads `output` from
 `answer`. Problems raise ValueError with a reason; the source adds the location.
+
+`raw` is for readers with their own schema (the evaluation tasks): the record as plain Python (`to_python`),
+unchecked beyond being an object. It is not a training format (`FORMATS`), only a source format
+(`SOURCE_FORMATS`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,24 @@ import numpy as np
 
 Format = Literal["auto", "chat", "instruction", "text"]
 FORMATS: tuple[str, ...] = ("auto", "chat", "instruction", "text")
+RAW = "raw"
+SOURCE_FORMATS: tuple[str, ...] = FORMATS + (RAW,)
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+def to_python(x: Any) -> Any:
+  """tfds/numpy values -> plain Python (bytes -> str, arrays -> lists), so every reader sees one schema."""
+  if isinstance(x, bytes):
+    return x.decode("utf-8")
+  if isinstance(x, Mapping):
+    return {str(k): to_python(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray):
+    return [to_python(v) for v in x.tolist()] if x.ndim else to_python(x.item())
+  if isinstance(x, (list, tuple)):
+    return [to_python(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
 
 
 def _as_str(value: Any, what: str) -> str:
@@ -67,10 +88,13 @@ def _detect(raw: Mapping, fields: Mapping[str, str]) -> str:
 
 
 def normalize(raw: Any, fmt: str = "auto", fields: Mapping[str, str] | None = None) -> dict[str, Any]:
-  """One raw record -> `{"messages": [...]}` or `{"text": str}`; raises ValueError saying what is wrong."""
+  """One raw record -> `{"messages": [...]}` or `{"text": str}` (`raw`: the record itself, as plain Python);
+  raises ValueError saying what is wrong."""
   fields = fields or {}
   if not isinstance(raw, Mapping):
     raise ValueError(f"record must be a JSON object, got {type(raw).__name__}")
+  if fmt == RAW:
+    return to_python(raw)
   if fmt == "auto":
     fmt = _detect(raw, fields)
   if fmt == "chat":
@@ -89,4 +113,4 @@ def normalize(raw: Any, fmt: str = "auto", fields: Mapping[str, str] | None = No
     if not text.strip():
       raise ValueError("empty 'text'")
     return {"text": text}
-  raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+  raise ValueError(f"unknown format {fmt!r}; expected one of {SOURCE_FORMATS}")

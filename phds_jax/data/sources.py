@@ -19,6 +19,10 @@ are counted when read. Either way errors name `file:line` (JSONL, text; 1-based)
 JSONL files are indexed by byte offsets and read with `os.pread` (thread-safe, nothing held in memory); parquet
 files are held as one memory-mapped Arrow table; `.txt` files give one document per file (`text_unit="file"`,
 the natural unit for perplexity / pretraining text) or one per blank-line-separated block (`"blank_line"`).
+
+Evaluation reads its task records through these same sources with `fmt="raw"` (each record as plain Python, for
+the task's own parser) and `text_unit="exact"` (a `.txt` file byte for byte, located by its name: perplexity
+counts every byte), so a bad line is reported the same way in training and evaluation.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from phds_jax.data.errors import ON_ERROR, DataError, DataStats, OnError, check_choice, log
-from phds_jax.data.formats import FORMATS, normalize
+from phds_jax.data.errors import ON_ERROR, DataError, DataStats, EmptySourceError, OnError, check_choice, log
+from phds_jax.data.formats import RAW, SOURCE_FORMATS, normalize
 
-TEXT_UNITS: tuple[str, ...] = ("file", "blank_line")
+TEXT_UNITS: tuple[str, ...] = ("file", "blank_line")  # the training data's choices
+EXACT = "exact"  # the whole file unstripped, as one record located by the file name (evaluation's perplexity)
 _OPEN_LOCK = threading.Lock()  # Grain reads from several threads; open each file / table once.
 
 
@@ -49,7 +54,7 @@ class RecordSource:
   name: str = "source"
 
   def __init__(self, fmt: str, fields: Mapping[str, str] | None, on_error: OnError, stats: DataStats | None):
-    self.fmt = check_choice("format", fmt, FORMATS)
+    self.fmt = check_choice("format", fmt, SOURCE_FORMATS)
     self.fields = dict(fields or {})
     self.on_error = check_choice("on_error", on_error, ON_ERROR)
     self.stats = stats if stats is not None else DataStats()
@@ -77,7 +82,7 @@ class RecordSource:
   def _set_keys(self, keys: Sequence[int], validate: bool) -> None:
     """Indexes the usable records; the validation scan raises on or counts every bad one now."""
     if not len(keys):
-      raise DataError(f"{self.name}: empty (no records)")
+      raise EmptySourceError(f"{self.name}: empty (no records)")
     if validate:
       keys = [k for k in keys if self._record(k) is not None]
       if not keys:
@@ -139,7 +144,10 @@ class JsonlSource(_FileSource):
     return f"{self.path}:{self._lines[key]}"
 
   def _raw(self, key: int) -> Any:
-    return json.loads(self._pread(*self._spans[:, key]))
+    try:
+      return json.loads(self._pread(*self._spans[:, key]))
+    except json.JSONDecodeError as e:  # the line is in the location already; the column is what helps
+      raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from e
 
 
 class JsonArraySource(RecordSource):
@@ -173,12 +181,19 @@ def _is_json_array(path: str) -> bool:
 
 
 class TextFileSource(_FileSource):
-  """Plain text: the whole file is one document (`unit="file"`) or each blank-line-separated block is one."""
+  """Plain text: the whole file is one document (`unit="file"`) or each blank-line-separated block is one;
+  `unit="exact"` keeps the whole file unstripped (even empty) as one record named by the file alone."""
 
   def __init__(self, path: str, unit: str = "file", on_error: OnError = "raise", validate: bool = True,
-               stats: DataStats | None = None):
-    super().__init__(path, fmt="text", fields=None, on_error=on_error, stats=stats)
-    check_choice("text_unit", unit, TEXT_UNITS)
+               stats: DataStats | None = None, fmt: str = "text"):
+    super().__init__(path, fmt=check_choice("format", fmt, ("text", RAW)), fields=None, on_error=on_error,
+                     stats=stats)
+    self.unit = check_choice("text_unit", unit, TEXT_UNITS + (EXACT,))
+    if unit == EXACT:
+      self._spans = np.asarray([[0, os.path.getsize(self.path)]], np.int64)
+      self._lines = np.zeros((1,), np.int64)
+      self._set_keys([0], validate)
+      return
     spans, lines, pos, start, start_line = [], [], 0, None, 0
     with open(self.path, "rb") as f:
       for lineno, line in enumerate(f, start=1):
@@ -198,10 +213,11 @@ class TextFileSource(_FileSource):
     self._set_keys(range(len(spans)), validate)
 
   def _where(self, key: int) -> str:
-    return f"{self.path}:{self._lines[key]}"
+    return self.path if self.unit == EXACT else f"{self.path}:{self._lines[key]}"
 
   def _raw(self, key: int) -> Any:
-    return {"text": self._pread(*self._spans[key]).decode("utf-8").strip("\n")}
+    text = self._pread(*self._spans[key]).decode("utf-8")
+    return {"text": text if self.unit == EXACT else text.strip("\n")}
 
 
 class ParquetSource(RecordSource):
@@ -352,6 +368,8 @@ def open_source(paths: str | Sequence[str] | None = None, *, fmt: str = "auto", 
     raise ValueError("give data paths or a tfds dataset name")
   sources = []
   for path in expand_paths(paths):
+    if not path.endswith((".jsonl", ".json", ".parquet", ".txt")):  # before existence: a typo'd type says so
+      raise DataError(f"{path}: unknown file type; expected .jsonl, .json, .parquet or .txt")
     if not os.path.isfile(path):
       raise DataError(f"{path}: no such file")
     if path.endswith(".json") and _is_json_array(path):
@@ -360,10 +378,8 @@ def open_source(paths: str | Sequence[str] | None = None, *, fmt: str = "auto", 
       sources.append(JsonlSource(path, fmt=fmt, fields=fields, **kw))
     elif path.endswith(".parquet"):
       sources.append(ParquetSource(path, fmt=fmt, fields=fields, **kw))
-    elif path.endswith(".txt"):
-      sources.append(TextFileSource(path, unit=text_unit, **kw))
     else:
-      raise DataError(f"{path}: unknown file type; expected .jsonl, .json, .parquet or .txt")
+      sources.append(TextFileSource(path, unit=text_unit, fmt=RAW if fmt == RAW else "text", **kw))
   if stats["bad_record"]:
     log.warning("data: skipped %d bad records in %s", stats["bad_record"], paths)
   return sources[0] if len(sources) == 1 else ConcatSource(sources)

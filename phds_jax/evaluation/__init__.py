@@ -7,18 +7,20 @@
                        limit=500, out_dir="eval_out")
     results.metric("arc_easy", 2)                 # primary metric at k=2
 
-Modules: `tasks` (registry and specs), `formats` (prompt formats), `perplexity` (WikiText / text documents),
-`sources` (JSONL / parquet / tfds readers), `encoding` (tokenization conventions), `engine` (batched scoring and
-KV-cache generation), `metrics` (decisions, CIs, agreement; reusable by an experiment driver), `runner`
-(`evaluate`), `report` (results.json, results.md, samples, plots).
+Modules: `tasks` (registry and specs), `items` (per-task prompt formats: records -> scoring items), `perplexity`
+(WikiText / text documents), `records` (task records with their locations, read through phds_jax.data.sources),
+`encoding` (tokenization conventions), `engine` (batched scoring and KV-cache generation), `metrics` (decisions,
+CIs, agreement; reusable by an experiment driver), `runner` (`evaluate`), `results` (EvalResults), `report`
+(results.json, results.md, samples, plots).
 """
 
 from phds_jax.evaluation import metrics
 from phds_jax.evaluation.encoding import TextEncoder
 from phds_jax.evaluation.engine import Engine
-from phds_jax.evaluation.formats import GenItem, MCItem, PplDoc
-from phds_jax.evaluation.runner import EvalResults, evaluate
-from phds_jax.evaluation.sources import EvalDataError
+from phds_jax.evaluation.items import GenItem, MCItem, PplDoc
+from phds_jax.evaluation.records import EvalDataError
+from phds_jax.evaluation.results import EvalResults
+from phds_jax.evaluation.runner import evaluate
 from phds_jax.evaluation.tasks import REGISTRY, Task, available, get_task
 
 __all__ = [

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from phds_jax.evaluation.formats import PplDoc
-from phds_jax.evaluation.sources import EvalDataError, Located, need
+from phds_jax.evaluation.items import PplDoc
+from phds_jax.evaluation.records import EvalDataError, Located, need
 
 _HEADING = re.compile(r"^ = [^=].* = $")
 

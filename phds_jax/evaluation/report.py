@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from phds_jax.evaluation import metrics as M
-from phds_jax.evaluation.runner import EvalResults, Record
+from phds_jax.evaluation.results import EvalResults, Record
 
 
 def sample_path(out_dir: str | os.PathLike, task: str, k: int) -> Path:
@@ -153,6 +153,7 @@ def metric_panels(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def plot(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+  # matplotlib is imported here, not at the top: it takes seconds to import and only plotting needs it.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,6 @@ multiple-choice tasks.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import time
@@ -22,25 +21,13 @@ import tokenizers
 from tqdm.auto import tqdm
 
 from phds_jax.evaluation import metrics as M
+from phds_jax.evaluation import report
 from phds_jax.evaluation.encoding import TextEncoder
 from phds_jax.evaluation.engine import Engine
-from phds_jax.evaluation.sources import EvalDataError
+from phds_jax.evaluation.records import EvalDataError
+from phds_jax.evaluation.results import EvalResults, Record
 from phds_jax.evaluation.tasks import GEN, MC, PPL, Task, get_tasks
 from phds_jax.models.config import ModelConfig
-
-Record = dict[str, Any]
-
-
-@dataclasses.dataclass
-class EvalResults:
-  """`summary` is JSON-ready (results.json); `samples[task][k]` are the per-item records (samples/*.jsonl)."""
-
-  summary: dict[str, Any]
-  samples: dict[str, dict[int, list[Record]]]
-
-  def metric(self, task: str, k: int, name: str | None = None) -> float:
-    entry = self.summary["tasks"][task]
-    return entry["by_k"][str(k)][name or entry["primary"]]
 
 
 # ------------------------------------------------------------------------------------------- per task kind
@@ -274,5 +261,4 @@ def _summary(meta: dict, summary_tasks: dict, ks: list[int], k_ref: int) -> dict
 
 
 def _write(out_dir: str, results: EvalResults, plots: bool) -> None:
-  from phds_jax.evaluation import report  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
   report.write(out_dir, results, plots=plots)

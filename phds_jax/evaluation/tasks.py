@@ -3,7 +3,7 @@
 A spec is `NAME` (read from tfds under `data_dir`), `NAME:PATH` (the same task from a local JSONL / JSON /
 parquet file in the Hugging Face schema of the harness's dataset), `NAME:tfds:DATASET[/CONFIG]/SPLIT` (another
 prepared tfds dataset, e.g. `boolq:tfds:bool_q/validation`), `jsonl:PATH` (generic multiple choice, see
-`formats.generic_mc`), `ppl:PATH` (perplexity of plain text). Defaults (tfds name, split) follow the harness's
+`items.generic_mc`), `ppl:PATH` (perplexity of plain text). Defaults (tfds name, split) follow the harness's
 splits: ARC / OpenBookQA test, the rest validation. sciq, siqa and wikitext have no tfds builder in
 tensorflow-datasets 4.9.10, so they need a PATH.
 
@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from phds_jax.evaluation import formats, perplexity
-from phds_jax.evaluation.sources import EvalDataError, read_file, read_tfds
+from phds_jax.evaluation import items, perplexity
+from phds_jax.evaluation.records import EvalDataError, read_file, read_tfds
 
 MC, PPL, GEN = "mc", "ppl", "gen"
 PPL_METRICS: tuple[str, ...] = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -68,28 +68,28 @@ def _mc(name: str, convert: Callable, prompt: str, tfds: tuple[str, str] | None,
 
 _QA = "Question: {question}\\nAnswer: → ' ' + choice"
 REGISTRY: dict[str, Task] = {t.name: t for t in (
-    _mc("arc_easy", formats.arc, _QA, ("ai2_arc/ARC-Easy", "test")),
-    _mc("arc_challenge", formats.arc, _QA, ("ai2_arc/ARC-Challenge", "test"), "acc_norm"),
-    _mc("boolq", formats.boolq, "{passage}\\nQuestion: {question}?\\nAnswer: → ' no' / ' yes'",
+    _mc("arc_easy", items.arc, _QA, ("ai2_arc/ARC-Easy", "test")),
+    _mc("arc_challenge", items.arc, _QA, ("ai2_arc/ARC-Challenge", "test"), "acc_norm"),
+    _mc("boolq", items.boolq, "{passage}\\nQuestion: {question}?\\nAnswer: → ' no' / ' yes'",
         ("super_glue/boolq", "validation")),
-    _mc("hellaswag", formats.hellaswag, "preprocess({activity_label}: {ctx_a} {ctx_b.capitalize()}) → "
+    _mc("hellaswag", items.hellaswag, "preprocess({activity_label}: {ctx_a} {ctx_b.capitalize()}) → "
         "' ' + preprocess(ending)", ("hellaswag", "validation"), "acc_norm"),
-    _mc("piqa", formats.piqa, "Question: {goal}\\nAnswer: → ' ' + sol1 / sol2", ("piqa", "validation"),
+    _mc("piqa", items.piqa, "Question: {goal}\\nAnswer: → ' ' + sol1 / sol2", ("piqa", "validation"),
         "acc_norm"),
-    _mc("sciq", formats.sciq, "{support}\\nQuestion: {question}\\nAnswer: → ' ' + [d1, d2, d3, correct]", None,
+    _mc("sciq", items.sciq, "{support}\\nQuestion: {question}\\nAnswer: → ' ' + [d1, d2, d3, correct]", None,
         "acc_norm"),
-    _mc("winogrande", formats.winogrande, "sentence[:_] + option → ' ' + sentence[_+1:].strip() (suffix scored)",
+    _mc("winogrande", items.winogrande, "sentence[:_] + option → ' ' + sentence[_+1:].strip() (suffix scored)",
         ("winogrande", "validation"), metrics=_MC_ACC),
-    _mc("siqa", formats.siqa, "Q: {context} {question}\\nA: → ' ' + answerA/B/C", None),
-    _mc("openbookqa", formats.openbookqa, "{question_stem} → ' ' + choice", ("openbookqa", "test"), "acc_norm"),
-    Task("triviaqa", GEN, formats.triviaqa, "exact_match", ("exact_match",),
+    _mc("siqa", items.siqa, "Q: {context} {question}\\nA: → ' ' + answerA/B/C", None),
+    _mc("openbookqa", items.openbookqa, "{question_stem} → ' ' + choice", ("openbookqa", "test"), "acc_norm"),
+    Task("triviaqa", GEN, items.triviaqa, "exact_match", ("exact_match",),
          "Question: {question}?\\nAnswer: → greedy, stop at newline", ("trivia_qa/rc.nocontext", "validation")),
     Task("wikitext", PPL, perplexity.wikitext_docs, "word_perplexity", PPL_METRICS,
          "detokenized article, rolling windows"),
 )}
 
 _GENERIC = {
-    "jsonl": lambda path: Task(f"jsonl:{Path(path).stem}", MC, formats.generic_mc, "acc", _MC_ALL,
+    "jsonl": lambda path: Task(f"jsonl:{Path(path).stem}", MC, items.generic_mc, "acc", _MC_ALL,
                                "{context} → ' ' + choice", path=path),
     "ppl": lambda path: Task(f"ppl:{Path(path).stem}", PPL, perplexity.text_docs, "word_perplexity",
                              PPL_METRICS, "text, rolling windows", path=path),

@@ -37,7 +37,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from phds_jax.evaluation.sources import Doc, EvalDataError, need
+from phds_jax.evaluation.records import Doc, EvalDataError, need
 
 DELIMITER = " "
 
