@@ -1,7 +1,10 @@
-"""Minimal Orbax checkpoint of a parameter tree plus its ModelConfig.
+"""The one reader of Orbax parameters: exported params checkpoints and a training run's steps.
 
-Layout of `directory`: `params/` (an Orbax StandardCheckpointer tree) and `model_config.json`
-(`dataclasses.asdict(cfg)`), so a checkpoint is self-describing without any HF files.
+An export (`save_params`): `params/` (an Orbax StandardCheckpointer tree) and `model_config.json`
+(`dataclasses.asdict(cfg)`), so it is self-describing without any HF files; read with a plain restore.
+A run's `checkpoints/` folder (training.checkpointing.RunCheckpointer) holds one TrainState per step with a
+CRC manifest; `load_params(dir, step=N)` reads it through the same verified path the trainer resumes from, so a
+damaged step is refused (BadCheckpoint) rather than scored.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from phds_jax import paths
 from phds_jax.models.config import ModelConfig
+from phds_jax.training.checkpointing import BadCheckpoint, RunCheckpointer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,16 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Any, *,
   return root
 
 
-def load_params(directory: str | os.PathLike, dtype: Any = None) -> tuple[ModelConfig, Any]:
-  """(cfg, params) from `save_params`; with `dtype`, Orbax casts while restoring (no second full copy)."""
+def load_params(directory: str | os.PathLike, dtype: Any = None, *,
+                step: int | None = None) -> tuple[ModelConfig | None, Any]:
+  """(cfg, params) of an export (`save_params`), or with `step` of a training run's checkpoints folder.
+
+  Exports: with `dtype`, Orbax casts while restoring (no second full copy). Run steps: the whole TrainState is
+  read and checked against its manifest (BadCheckpoint if it fails), then its params are returned (cast to
+  `dtype` if given); cfg is None there, since a step holds no model config (the run's export has it).
+  """
+  if step is not None:
+    return None, _load_run_step(directory, int(step), dtype)
   root = paths.as_epath(directory)
   if not (root / CONFIG_FILE).is_file():
     raise FileNotFoundError(f"{root / CONFIG_FILE} not found: not a phds_jax params checkpoint")
@@ -74,3 +86,23 @@ def load_params(directory: str | os.PathLike, dtype: Any = None) -> tuple[ModelC
   if dtype is not None:
     cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
   return cfg, params
+
+
+def _load_run_step(directory: str | os.PathLike, step: int, dtype: Any) -> Any:
+  """The params of the TrainState saved at `step` under a run's checkpoints folder, manifest-verified."""
+  step_dir = paths.as_epath(directory) / str(step)
+  if not step_dir.is_dir():
+    raise FileNotFoundError(f"{step_dir} not found: no checkpoint step {step} in {directory}")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  reader = RunCheckpointer(os.fspath(directory), async_save=False, read_only=True)
+  try:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          reader.saved_shapes(step))
+    try:
+      state, _ = reader.read_verified(step, target)  # whole state: the manifest covers all of it
+    except BadCheckpoint as e:
+      raise BadCheckpoint(f"checkpoint step {step} in {directory}: {e}") from e
+  finally:
+    reader.close()
+  params = state["params"]
+  return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)

@@ -27,6 +27,11 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from phds_jax import checkpoint as ckpt_lib
+from phds_jax import cli, console, hf
+from phds_jax.evaluation import evaluate
+from phds_jax.evaluation.tasks import get_tasks
+
 FLAGS = flags.FLAGS
 
 
@@ -58,8 +63,6 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
 
 def load_model(checkpoint: str, tokenizer: str | None = None, dtype: str | None = None):
   """(cfg, params, tokenizers.Tokenizer) from either checkpoint kind; `dtype` sets param and compute dtype."""
-  from phds_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax import hf  # pylint: disable=g-import-not-at-top
   root = Path(checkpoint)
   if (root / ckpt_lib.CONFIG_FILE).is_file():
     cfg, params = ckpt_lib.load_params(root, dtype=dtype)
@@ -75,8 +78,6 @@ def load_model(checkpoint: str, tokenizer: str | None = None, dtype: str | None 
 
 def run(fv: flags.FlagValues = FLAGS):
   """Loads the checkpoint named by the parsed flags `fv`, evaluates it and writes --out; returns EvalResults."""
-  from phds_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  from phds_jax.evaluation.tasks import get_tasks  # pylint: disable=g-import-not-at-top
   try:
     get_tasks(fv.tasks)  # spec typos fail before the checkpoint loads
   except ValueError as e:
@@ -98,7 +99,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from phds_jax import cli, console  # pylint: disable=g-import-not-at-top
   console.quiet_backend_probe()
   define_flags()
   cli.run(main)

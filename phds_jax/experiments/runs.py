@@ -12,7 +12,6 @@ The untrained base is scored once, under `workdir/base/seed0/` (it has no seed).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,12 +22,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from phds_jax import checkpoint as params_ckpt
-from phds_jax import hf
+from phds_jax import evaluation, hf
 from phds_jax.experiments import config as cfg_lib
 from phds_jax.experiments import selection
+from phds_jax.training.loop import train_and_evaluate
+from phds_jax.training.observe import read_metrics
 
 RESULT = "result.json"
 FINGERPRINT = "fingerprint.json"
@@ -81,22 +81,14 @@ def saved_steps(ckpt_dir: str) -> list[int]:
 
 
 def restore_params(ckpt_dir: str, step: int) -> Any:
-  """The parameters of the trainer's TrainState saved at `step`, as host float32 arrays."""
-  path = Path(ckpt_dir).absolute() / str(step) / "state"
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with contextlib.closing(ocp.StandardCheckpointer()) as ckptr:
-    meta = ckptr.metadata(path).item_metadata
-    meta = getattr(meta, "tree", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    state = ckptr.restore(path, target)  # whole state: the demo's optimizer moments are small
-  return jax.device_get(state["params"])
+  """The parameters of the trainer's TrainState saved at `step` (manifest-verified), as host arrays."""
+  return jax.device_get(params_ckpt.load_params(ckpt_dir, step=step)[1])
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, model_cfg, params, tokenizer_dir: str,
                         ks: list[int], out_dir: str) -> dict[str, dict[int, float]]:
   """Scores one checkpoint on every test task at every k (writes phds_jax.evaluation's directory);
   task -> k -> primary metric."""
-  from phds_jax import evaluation  # pylint: disable=g-import-not-at-top
   e = config.eval
   results = evaluation.evaluate(model_cfg, params, hf.load_tokenizer(tokenizer_dir), cfg_lib.tasks(config),
                                 ks=ks, limit=e.limit or None, batch_size=e.batch_size, out_dir=out_dir,
@@ -146,8 +138,6 @@ def _relative(result: dict, workdir: str) -> dict:
 def run_trained(config: ml_collections.ConfigDict, method: cfg_lib.Method, seed: int, workdir: str,
                 ks: list[int]) -> dict[str, Any]:
   """Trains (or resumes), selects a step per rule, scores each selected checkpoint; skipped if done."""
-  from phds_jax.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  from phds_jax.training.observe import read_metrics  # pylint: disable=g-import-not-at-top
   path = run_dir(workdir, method.name, seed)
   tc = cfg_lib.train_config(config, method, seed)
   check_fingerprint(path, fingerprint(config, tc))

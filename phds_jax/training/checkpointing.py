@@ -144,12 +144,15 @@ class RunCheckpointer:
   """Saves/restores (TrainState, data iterator state, metadata JSON, manifest) under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, verify: bool = True,
-               bad_dir: str | None = None):
+               bad_dir: str | None = None, read_only: bool = False):
+    """`read_only=True` opens the steps for reading only (phds_jax.checkpoint.load_params): nothing is created,
+    cleaned up or saved, so a reader never touches a run that may still be writing."""
     self.directory = paths.normalize(directory)
     self.bad_dir = bad_dir or self.directory + "_bad"
     self.keep, self.verify = keep, verify
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True,
-                                           cleanup_tmp_directories=True)  # no max_to_keep: `_collect` deletes
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=not read_only,
+                                           cleanup_tmp_directories=not read_only,  # no max_to_keep: `_collect`
+                                           read_only=read_only)  # deletes
     self.manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
                                          item_names=("state", "data", "meta", "manifest"))
     self._pending: tuple[int, Any, int | None] | None = None  # (step, abstract state, best step) not yet checked
