@@ -29,3 +29,14 @@ def tiny_ckpt(tmp_path_factory) -> str:
   hf.save(path, cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
           tokenizer_dir=os.path.join(paths.ASSETS_DIR, "demo_tokenizer"))
   return path
+
+
+def override(config, **changes):
+  """`config` with dotted fields set ({"optimizer.lr": 1e-3}), as `--config.FIELD=value` sets them; returns it."""
+  for key, value in changes.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config

@@ -391,12 +391,12 @@ def test_trainer_selector_burn_in_ties_and_resume():
   c.num_steps, c.eval.every_steps = 40, 10
   c.select.update(dict(signal="loss", rule="mean_over_k", burn_in_steps=20))
   model_cfg = models.tiny("olmoe", num_experts=8, k_pre=4)
-  sel = protocol.Selector(c, model_cfg, "", (2, 3, 4))
+  sel = protocol.Selector(c, model_cfg, None, (2, 3, 4))
   assert sel.ks == [2, 3, 4] and [s for s in range(1, 41) if sel.due(s)] == [30, 40]
   score = lambda loss: sel.score(None, {2: loss + 0.2, 3: loss, 4: loss - 0.2})
   assert score(1.0) == {"select_score": pytest.approx(-1.0)} and sel.score(None, None) == {}
   assert sel.update(30, score(1.0)) and not sel.update(40, score(1.0)) and sel.best_step == 30
-  again = protocol.Selector(c, model_cfg, "", (2, 3, 4))
+  again = protocol.Selector(c, model_cfg, None, (2, 3, 4))
   again.restore(sel.meta())
   assert again.best_step == 30 and not again.update(40, score(1.5)) and again.update(40, score(0.5))
   c.select.update(dict(signal="mc", task=""))

@@ -24,10 +24,12 @@ import optax
 import pytest
 
 from configs import demo
+from tests.conftest import override
 from phds_jax import cli, hf, models, paths
-from phds_jax.training import loop, observe, resume, step as step_lib
+from phds_jax import data as data_lib
+from phds_jax.training import loop, observe, resume, run as run_lib, step as step_lib
 from phds_jax.training.checkpointing import ResumeError, RunCheckpointer
-from phds_jax.training.validation import TrainConfigError, validate_config
+from phds_jax.training.config_checks import TrainConfigError, validate_config
 
 ASSETS = paths.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,13 +46,7 @@ def fast_config(ckpt: str, **changes):
   c.eval.update(dict(every_steps=100, batches=0))
   c.final_eval.tasks = ()
   c.export.update(dict(hf=False, orbax=False))
-  for key, value in changes.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, **changes)
 
 
 def step_dirs(workdir: str) -> list[int]:
@@ -275,12 +271,7 @@ def test_changed_shapes_give_a_readable_error(tmp_path):
 def test_config_errors_before_loading(tiny_ckpt, change, match):
   config = fast_config(tiny_ckpt)
   with config.unlocked():
-    for key, value in change.items():
-      target = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    override(config, **change)
   with pytest.raises(TrainConfigError, match=match):
     validate_config(config)
 
@@ -361,11 +352,11 @@ def test_remote_inputs_are_staged_into_a_runnable_config(tiny_ckpt, tmp_path, mo
   config = fast_config(tiny_ckpt)
   config.init.path = "gs://bucket/ckpt"
   config.data.path = "gs://bucket/data/train*.jsonl"
-  local = loop._local_inputs(config)
+  local = run_lib.local_inputs(config)
   assert local.init.path == str(bucket / "ckpt") and local.tokenizer_dir == str(bucket / "ckpt")
   assert local.data.path == (str(bucket / "data" / "train.jsonl"),)
   assert config.data.path == "gs://bucket/data/train*.jsonl"  # the saved, compared config keeps the URLs
-  records = loop.data_lib.load_source(loop._data_config(local, 8, "train", validation_fraction=0.0))
+  records = data_lib.load_source(run_lib.data_config(local, 8, "train", validation_fraction=0.0))
   assert len(records) > 0
 
 

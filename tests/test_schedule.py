@@ -114,7 +114,7 @@ def test_resolve_units_counts_the_packed_epoch_and_states_the_derivation():
   assert out.schedule.ramp == pytest.approx(4 / out.num_steps)
   assert f"{rows} packed rows" in text and f"num_steps {out.num_steps}" in text and "1.5 epochs" in text
   assert c.num_epochs == 2  # the caller's config is untouched
-  assert protocol.resolve_for_run(c)[0].num_steps == out.num_steps  # the trainer's path reads the same data
+  assert protocol.resolve_for_run(c, tok)[0].num_steps == out.num_steps  # the trainer's path reads the same data
   c.select.update(dict(burn_in_steps=0.5, burn_in_unit="epochs"))  # half an epoch, in steps
   out, text = protocol.resolve_units(c, tok, rows_per_epoch=rows)
   assert out.select.burn_in_steps == round(0.5 * spe) and "selection burn-in" in text

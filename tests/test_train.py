@@ -13,10 +13,11 @@ import optax
 import pytest
 
 from configs import demo
+from tests.conftest import override
 from phds_jax import checkpoint as params_ckpt
 from phds_jax import hf, models, paths
 from phds_jax.training import loop, observe, optimizer, step as step_lib
-from phds_jax.training.validation import TrainConfigError, validate_config
+from phds_jax.training.config_checks import TrainConfigError, validate_config
 
 ASSETS = paths.ASSETS_DIR
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +32,7 @@ def tiny_config(ckpt: str, **changes):
   c.eval.update(dict(every_steps=3, batches=1))
   c.final_eval.tasks = ()
   c.export.hf = True
-  for key, value in changes.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, **changes)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -55,6 +55,12 @@ def _check_supported(d: dict) -> None:
       raise ConfigError(f"{mt}: {name}={rope} is not supported (only default RoPE, no scaling)")
 
 
+def k_pre_of(d: dict) -> Any:
+  """The pretraining top-k a checkpoint's JSON names (None if none): HF's `num_experts_per_tok`, or `k_pre` in
+  an Orbax model_config.json. The one reader of k_pre from a config file (trainer, experiments, loading)."""
+  return d.get("num_experts_per_tok", d.get("k_pre"))
+
+
 def config_from_hf(d: dict, **overrides) -> ModelConfig:
   """A ModelConfig from a transformers config.json dict; fields we do not model go to `hf_extra_json`.
 
@@ -79,11 +85,14 @@ def config_from_hf(d: dict, **overrides) -> ModelConfig:
   num_experts = d.get("num_experts", d.get("num_local_experts"))
   if num_experts is None:
     raise ConfigError(f"{mt} config is missing 'num_experts' (or 'num_local_experts')")
+  k_pre = k_pre_of(d)
+  if k_pre is None:
+    raise ConfigError(f"{mt} config is missing 'num_experts_per_tok'")
   rope = d.get("rope_parameters") or {}
   fields: dict[str, Any] = dict(
       model_type=mt, vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers,
       num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
-      num_experts=num_experts, k_pre=need("num_experts_per_tok"),
+      num_experts=num_experts, k_pre=k_pre,
       norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=_QK_NORM[mt],
       rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
       rms_eps=float(d.get("rms_norm_eps", 1e-5 if mt == "olmoe" else 1e-6)),

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal, NamedTuple
+import numbers
+from collections.abc import Iterable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +44,17 @@ class Routing(NamedTuple):
   expert_load_E: jax.Array  # tokens routed to each expert by the k active slots, [E] fp32.
 
 
+def ks_outside(ks: Iterable[Any], upper: int) -> list[Any]:
+  """The entries of `ks` that are not integers in [1, upper]: the one k range rule (callers word the error:
+  the model allows up to num_experts, training and the k plan up to k_pre)."""
+  return [k for k in ks if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= upper]
+
+
 def check_k(k: int, num_experts: int, k_pre: int) -> None:
   """Validates a requested top-k level; k above k_pre is allowed but flagged (PHDS §6: it does not help)."""
   if not isinstance(k, int) or isinstance(k, bool):
     raise TypeError(f"k must be a Python int (it is static), got {type(k).__name__}: {k!r}")
-  if not 1 <= k <= num_experts:
+  if ks_outside([k], num_experts):
     raise ValueError(f"k={k} is out of range: it must satisfy 1 <= k <= num_experts={num_experts}")
   if k > k_pre:
     logging.warning("k=%d is above the checkpoint's k_pre=%d; PHDS only targets k <= k_pre.", k, k_pre)

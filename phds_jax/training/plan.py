@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from phds_jax import sharding
-from phds_jax.training import memory
+from phds_jax import models, sharding
+from phds_jax.checkpoint import CONFIG_FILE, config_from_json
 from phds_jax.hf.config import config_from_hf
 from phds_jax.models.config import ModelConfig
+from phds_jax.training import memory
+from phds_jax.training.config_checks import batch_error, validate_config
 
 STATE_HEADROOM = 0.75  # states may use at most this share of device memory; the rest is for activations
 # Per-device memory of common accelerators, GiB (for the fit verdict when the launch script does not pass one).
@@ -106,7 +109,6 @@ class Plan:
 
 
 def _read_json(path: str) -> dict:
-  from etils import epath  # pylint: disable=g-import-not-at-top  (gs:// paths too)
   return json.loads(epath.Path(path).read_text())
 
 
@@ -116,7 +118,6 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   if init.kind == "scratch":
     cfg = ModelConfig(**dict(config.scratch_model))
   elif init.kind == "orbax":
-    from phds_jax.checkpoint import CONFIG_FILE, config_from_json  # pylint: disable=g-import-not-at-top
     cfg = config_from_json(json.dumps(_read_json(os.path.join(init.path, CONFIG_FILE))))
   else:
     cfg = config_from_hf(_read_json(os.path.join(init.path, "config.json")))
@@ -125,7 +126,6 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def param_shapes(cfg: ModelConfig) -> Any:
   """ShapeDtypeStructs of the parameter tree in param_dtype, traced without allocating anything."""
-  from phds_jax import models  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.param_dtype)), shapes)
 
@@ -163,9 +163,9 @@ def make_plan(config: ml_collections.ConfigDict, workdir: str, num_devices: int,
   if num_hosts > 1 and not remote:
     warnings.append(f"{num_hosts} hosts write checkpoints under {workdir}: it must be one directory every host "
                     "sees (a shared filesystem, or gs://); so must init.path and data.path")
-  if config.batch_size % (num_devices * config.microbatches):
-    warnings.append(f"batch_size={config.batch_size} is not divisible by devices ({num_devices}) x microbatches "
-                    f"({config.microbatches}): the trainer will refuse it")
+  uneven = batch_error(config.batch_size, config.microbatches, num_devices)
+  if uneven:
+    warnings.append(f"{uneven}: the trainer will refuse it")
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   ck = config.checkpoint
   sel = config.get("select", {})
@@ -201,7 +201,6 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int
   if num_devices:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", num_devices)
-  from phds_jax.training.validation import validate_config  # pylint: disable=g-import-not-at-top
   validate_config(config)
   if not num_devices and not device_memory_gb:
     stats = jax.devices()[0].memory_stats() or {}

@@ -21,15 +21,14 @@ import logging
 import math
 from typing import Any
 
+import jax
 import ml_collections
 
-from phds_jax import paths
+from phds_jax import data as data_lib
+from phds_jax import evaluation, paths
 from phds_jax.training import schedule
-from phds_jax.training.validation import TrainConfigError
+from phds_jax.training.config_checks import TrainConfigError, validate_select
 
-SIGNALS = ("loss", "mc")
-RULES = ("best_at_kpre", "mean_over_k")
-EXPORTS = ("final", "selected")
 SELECTION_FILE = "selection.json"
 
 
@@ -45,8 +44,6 @@ def count_packed_rows(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
   """Rows of one pass over the whole training split after tokenization and packing (every host counts all of
   it, unshuffled, so each derives the same step counts), packed with as many bins as the trainer packs with
   (a host's batch): fewer bins fill rows less tightly (8% more rows with one bin on the toy data)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   bins = config.data.get("pack_bins") or max(1, config.batch_size // jax.process_count())
   cfg = data_lib.as_config(config.data, batch_size=1, part="train", num_epochs=1, shuffle=False, shard_index=0,
                            shard_count=1, pack_bins=bins)
@@ -102,12 +99,11 @@ def resolve_units(config: ml_collections.ConfigDict, tokenizer: Any,
   return out, text
 
 
-def resolve_for_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
-  """resolve_units with the run's own tokenizer and data, read only when an epoch has to be counted (remote
-  inputs through local copies, as the trainer reads them; paths.staged caches them for the run itself)."""
+def resolve_for_run(config: ml_collections.ConfigDict, tokenizer: Any) -> tuple[ml_collections.ConfigDict, str]:
+  """resolve_units with the run's own tokenizer (the one the run loaded) and data, read only when an epoch has
+  to be counted (remote inputs through local copies, as the trainer reads them; paths.staged caches them)."""
   if not needs_epoch(config):
     return resolve_units(config, None)
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   raw = config.to_dict()
   data = config.data.get("path")
   if data:
@@ -115,32 +111,12 @@ def resolve_for_run(config: ml_collections.ConfigDict) -> tuple[ml_collections.C
              for f in (paths.glob(p) if paths.is_remote(p) else [p])]
     raw["data"]["path"] = tuple(paths.staged(f) for f in files)  # a new dict: the field may be a str
   local = ml_collections.ConfigDict(raw)
-  tokenizer = data_lib.ChatTokenizer.from_dir(paths.staged(config.get("tokenizer_dir") or config.init.path),
-                                              template=config.data.get("template", "auto"))
   rows = count_packed_rows(local, tokenizer)
   _need(rows > 0, f"data.path={data!r}: the training split packs into no rows")
   return resolve_units(config, tokenizer, rows_per_epoch=rows)
 
 
 # ------------------------------------------------------------------------------------------------ selection
-
-
-def validate_select(config: ml_collections.ConfigDict) -> None:
-  sel = config.select
-  _need(sel.signal in SIGNALS, f"select.signal={sel.signal!r} is not one of {SIGNALS}")
-  _need(sel.rule in RULES, f"select.rule={sel.rule!r} is not one of {RULES}")
-  _need(sel.export in EXPORTS, f"select.export={sel.export!r} is not one of {EXPORTS}")
-  _need(int(sel.burn_in_steps) >= 0, f"select.burn_in_steps={sel.burn_in_steps} must be >= 0")
-  _need(sel.signal != "mc" or bool(sel.task),
-        "select.signal='mc' needs select.task, a validation multiple-choice task (e.g. jsonl:PATH)",
-        "--config.select.task=jsonl:/data/valid_mc.jsonl, or --config.select.signal=loss")
-  if sel.signal == "mc":
-    from phds_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
-    try:
-      task = tasks.get_task(sel.task)
-    except ValueError as e:
-      raise TrainConfigError(f"select.task: {e}") from e
-    _need(task.kind == tasks.MC, f"select.task={sel.task!r} is a {task.kind} task; selection needs multiple choice")
 
 
 def select_ks(rule: str, k_pre: int, k_train: tuple[int, ...]) -> list[int]:
@@ -151,15 +127,16 @@ def select_ks(rule: str, k_pre: int, k_train: tuple[int, ...]) -> list[int]:
 class Selector:
   """Scores the model during training and keeps track of the best step (higher score is better)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model_cfg: Any, tokenizer_dir: str,
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg: Any, tokenizer: Any,
                k_train: tuple[int, ...]):
+    """`tokenizer`: the run's (a tokenizers.Tokenizer or evaluation.TextEncoder), used by the 'mc' signal."""
     validate_select(config)
     self.sel = config.select
     self.every, self.num_steps = config.eval.every_steps, config.num_steps
     self.ks = select_ks(self.sel.rule, model_cfg.k_pre, k_train)
     # log_ks: more k to score and log (a driver applying several rules afterwards); the score uses self.ks.
     self.scored_ks = sorted(set(self.ks) | {k for k in self.sel.get("log_ks", ()) if 1 <= k <= model_cfg.k_pre})
-    self.model_cfg, self.tokenizer_dir = model_cfg, tokenizer_dir
+    self.model_cfg, self.tokenizer = model_cfg, tokenizer
     self.best_step: int | None = None
     self.best_score = -math.inf
     self.history: list[dict[str, Any]] = []
@@ -176,11 +153,10 @@ class Selector:
       if not val_losses:
         return {}
       return {"select_score": -float(sum(val_losses[k] for k in self.ks) / len(self.ks))}
-    from phds_jax import evaluation, hf  # pylint: disable=g-import-not-at-top
     if self._task is None:
-      self._task = (evaluation.get_task(self.sel.task), hf.load_tokenizer(self.tokenizer_dir))
-    task, tokenizer = self._task
-    results = evaluation.evaluate(self.model_cfg, params, tokenizer, [task], ks=self.scored_ks,
+      self._task = evaluation.get_task(self.sel.task)
+    task = self._task
+    results = evaluation.evaluate(self.model_cfg, params, self.tokenizer, [task], ks=self.scored_ks,
                                   limit=self.sel.limit or None, batch_size=self.sel.batch_size, n_boot=20,
                                   progress=False, plots=False)
     entry = results.summary["tasks"][task.name]

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from configs.base import base_config
 from phds_jax import paths
 from phds_jax.training.checkpointing import ResumeError
 
@@ -65,7 +66,6 @@ def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> dict
 
 
 def _defaults() -> dict:
-  from configs.base import base_config  # pylint: disable=g-import-not-at-top
   return plain(base_config())
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Sequence
 
+import ml_collections
 import numpy as np
+
+from phds_jax import kplan
 
 
 class ScheduleError(ValueError):
@@ -56,6 +59,22 @@ class KSchedule:
     return tuple(sorted(set(self.k_train) | set(extra)))
 
 
+def from_config(config: ml_collections.ConfigDict) -> KSchedule:
+  """The run's schedule from a training config: the one place `config.schedule` becomes a KSchedule.
+
+  `switch_at` / `ramp` are fractions once training/protocol.py has resolved their units (the trainer builds
+  its schedule from that resolved config). In a config still giving them in steps or epochs they read as 0.0
+  here: the k levels and the other fields are checked all the same, the timing when protocol.py resolves it.
+  """
+  s = config.schedule
+  fraction = lambda value, unit_field: value if s.get(unit_field, "fraction") == "fraction" else 0.0
+  return KSchedule(
+      k_train=tuple(s.k_train), mode=s.mode, anchor=s.get("anchor") or None,
+      switch_at=fraction(s.switch_at, "switch_unit"), ramp=fraction(s.ramp, "ramp_unit"),
+      probs=tuple(s.probs) if s.get("probs") else None, total_steps=config.num_steps, granularity=s.granularity,
+      seed=config.seed)
+
+
 def fixed(k: int, total_steps: int = 1, **kw) -> KSchedule:
   return KSchedule(k_train=(k,), mode="fixed", total_steps=total_steps, **kw)
 
@@ -66,9 +85,8 @@ def validate(s: KSchedule, k_pre: int) -> None:
     raise ScheduleError("K_train is empty")
   if len(set(s.k_train)) != len(s.k_train):
     raise ScheduleError(f"K_train {s.k_train} has repeated levels")
-  for k in s.k_train:
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= k_pre:
-      raise ScheduleError(f"K_train level {k!r} is outside [1, k_pre={k_pre}]")
+  for k in kplan.ks_outside(s.k_train, k_pre)[:1]:
+    raise ScheduleError(f"K_train level {k!r} is outside [1, k_pre={k_pre}]")
   if s.mode not in ("fixed", "uniform", "curriculum"):
     raise ScheduleError(f"schedule mode {s.mode!r} is not fixed|uniform|curriculum")
   if s.mode == "fixed" and len(s.k_train) != 1:

@@ -3,6 +3,7 @@
 Every check here is cheap (small JSON headers, globs, a task registry): a typo, an out-of-range value or an
 unknown field fails in a second with one line that names the field and the fix, not after the model loads or
 at the first eval. `TrainConfigError` is a `cli.UserError`: the CLI prints it without a traceback (exit 2).
+`validate_config` returns the run's k plan (phds_jax/kplan.py), checked here against the init checkpoint's k_pre.
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from safetensors import safe_open
 
-from phds_jax import cli, paths, sharding
-from phds_jax.training import schedule
+from configs.base import base_config
+from phds_jax import cli, kplan, paths, sharding
+from phds_jax.data.errors import ON_ERROR
+from phds_jax.data.formats import FORMATS
+from phds_jax.data.pipeline import PACKINGS, DataConfig
+from phds_jax.data.tokenize import OVERLONG
+from phds_jax.evaluation import tasks as tasks_lib
+from phds_jax.hf.config import k_pre_of
 from phds_jax.models.config import GMM_IMPLS, ROUTING_IMPLS, ModelConfig
+from phds_jax.models.router import ROUTER_MODES
+from phds_jax.training import schedule
 
 INIT_KINDS = ("hf", "orbax", "scratch")
-ROUTER_MODES = ("soft", "hard")
+SIGNALS = ("loss", "mc")  # select.*: training/protocol.py
+RULES = ("best_at_kpre", "mean_over_k")
+EXPORTS = ("final", "selected")
 LR_DECAYS = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 # data.* fields the trainer sets itself (per host, per part); a config may not set them.
@@ -38,10 +50,11 @@ def _need(cond: bool, msg: str, fix: str | None = None) -> None:
     raise TrainConfigError(msg, fix)
 
 
-def _choice(config: Any, field: str, choices: tuple[str, ...]) -> None:
+def _choice(config: Any, field: str, choices: tuple[str, ...], default: str | None = None) -> None:
   value = _get(config, field)
   near = difflib.get_close_matches(str(value), choices, n=1)
-  _need(value in choices, f"{field}={value!r} is not one of {choices}", f"--config.{field}={(near or choices)[0]}")
+  _need(value in choices, f"{field}={value!r} is not one of {choices}",
+        f"--config.{field}={(near or [default or choices[0]])[0]}")
 
 
 def _get(config: Any, field: str) -> Any:
@@ -52,8 +65,6 @@ def _get(config: Any, field: str) -> Any:
 
 def known_fields() -> set[str]:
   """Every dotted field a training config may hold: base_config's, plus ModelConfig/DataConfig fields."""
-  from configs.base import base_config  # pylint: disable=g-import-not-at-top
-  from phds_jax.data.pipeline import DataConfig  # pylint: disable=g-import-not-at-top
   names = set(cli.config_field_names(base_config()))
   model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
   names |= {f"model.{f}" for f in model_fields} | {f"scratch_model.{f}" for f in model_fields}
@@ -93,7 +104,8 @@ def _model_json(init) -> dict:
 
 
 def init_header(config: ml_collections.ConfigDict) -> tuple[str | None, int]:
-  """(model_type, k_pre) of the init checkpoint (or scratch_model), from its small config file."""
+  """(model_type, k_pre) of the init checkpoint (or scratch_model), from its small config file (a `config.model`
+  override of k_pre is applied by `validate_config`, as loading applies it)."""
   init = config.init
   if init.kind == "scratch":
     _need(bool(config.get("scratch_model")), "init.kind='scratch' needs config.scratch_model (ModelConfig fields)")
@@ -103,7 +115,7 @@ def init_header(config: ml_collections.ConfigDict) -> tuple[str | None, int]:
   raw = _model_json(init)
   if init.kind == "hf" and not paths.is_remote(init.path):
     _check_safetensors_headers(init.path)
-  k_pre = raw.get("num_experts_per_tok", raw.get("k_pre"))
+  k_pre = k_pre_of(raw)
   _need(isinstance(k_pre, int) and k_pre >= 1,
         f"{paths.join(init.path, 'config.json' if init.kind == 'hf' else 'model_config.json')}: "
         f"no valid num_experts_per_tok (got {k_pre!r}); not an MoE checkpoint?")
@@ -112,7 +124,6 @@ def init_header(config: ml_collections.ConfigDict) -> tuple[str | None, int]:
 
 def _check_safetensors_headers(directory: str) -> None:
   """Opens every *.safetensors header (no tensor is read): a truncated or foreign file is named now."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   for path in sorted(paths.glob(os.path.join(directory, "*.safetensors"))):
     try:
       with safe_open(path, framework="numpy") as f:
@@ -134,10 +145,6 @@ def _check_optimizer(o) -> None:
 
 
 def _check_data(config) -> None:
-  from phds_jax.data.errors import ON_ERROR  # pylint: disable=g-import-not-at-top
-  from phds_jax.data.formats import FORMATS  # pylint: disable=g-import-not-at-top
-  from phds_jax.data.pipeline import PACKINGS  # pylint: disable=g-import-not-at-top
-  from phds_jax.data.tokenize import OVERLONG  # pylint: disable=g-import-not-at-top
   for field, choices in (("data.on_error", ON_ERROR), ("data.overlong", OVERLONG), ("data.format", FORMATS),
                          ("data.packing", PACKINGS)):
     if field.split(".")[1] in config.data:
@@ -153,16 +160,12 @@ def _check_data(config) -> None:
   _need(0.0 <= frac < 1.0, f"data.validation_fraction={frac} must be in [0, 1)")
 
 
-def _check_eval(config, k_pre: int) -> None:
-  ks = tuple(config.eval.get("ks") or ())
-  bad = [k for k in ks if not (isinstance(k, int) and 1 <= k <= k_pre)]
-  _need(not bad, f"eval.ks={ks}: {bad} outside [1, k_pre={k_pre}]", f"--config.eval.ks=\"(1,{k_pre})\" or () for all")
+def _check_eval(config) -> None:
   _need(config.eval.every_steps >= 1, "eval.every_steps must be >= 1")
   _need(config.eval.batches >= 0, f"eval.batches={config.eval.batches} must be >= 0")
   fe = config.final_eval
   _need(fe.limit >= 0 and fe.batch_size >= 1, f"final_eval.limit={fe.limit} must be >= 0, batch_size >= 1")
   if fe.tasks:
-    from phds_jax.evaluation import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
     try:
       found = tasks_lib.get_tasks(list(fe.tasks))
     except ValueError as e:
@@ -173,14 +176,43 @@ def _check_eval(config, k_pre: int) -> None:
             f"final_eval.tasks: {t.name}: file {path!r} does not exist")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises TrainConfigError for the first problem found; cheap (reads only small JSON headers)."""
+def batch_error(batch_size: int, microbatches: int, num_devices: int) -> str | None:
+  """Why the global batch cannot be split into microbatches of whole rows on every device (None if it can):
+  the trainer refuses such a config, the dry run warns about it."""
+  if batch_size % (num_devices * microbatches):
+    return (f"batch_size={batch_size} must be divisible by data-parallel size ({num_devices}) x microbatches "
+            f"({microbatches})")
+  return None
+
+
+def validate_select(config: ml_collections.ConfigDict) -> None:
+  """select.*: the checkpoint-selection protocol (training/protocol.py runs it)."""
+  sel = config.select
+  _need(sel.signal in SIGNALS, f"select.signal={sel.signal!r} is not one of {SIGNALS}")
+  _need(sel.rule in RULES, f"select.rule={sel.rule!r} is not one of {RULES}")
+  _need(sel.export in EXPORTS, f"select.export={sel.export!r} is not one of {EXPORTS}")
+  _need(int(sel.burn_in_steps) >= 0, f"select.burn_in_steps={sel.burn_in_steps} must be >= 0")
+  _need(sel.signal != "mc" or bool(sel.task),
+        "select.signal='mc' needs select.task, a validation multiple-choice task (e.g. jsonl:PATH)",
+        "--config.select.task=jsonl:/data/valid_mc.jsonl, or --config.select.signal=loss")
+  if sel.signal == "mc":
+    try:
+      task = tasks_lib.get_task(sel.task)
+    except ValueError as e:
+      raise TrainConfigError(f"select.task: {e}") from e
+    _need(task.kind == tasks_lib.MC,
+          f"select.task={sel.task!r} is a {task.kind} task; selection needs multiple choice")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> kplan.KPlan:
+  """The run's k plan; raises TrainConfigError for the first problem found. Cheap (reads only small JSON
+  headers): the trainer and the dry run call it before anything loads."""
   check_known_fields(config)
   for field in ("num_steps", "microbatches", "batch_size"):
     _need(config[field] >= 1, f"{field}={config[field]} must be >= 1")
   _need(config.get("max_nonfinite_in_a_row", 1) >= 1,
         f"max_nonfinite_in_a_row={config.get('max_nonfinite_in_a_row')} must be >= 1")
-  _choice(config, "router_mode", ROUTER_MODES)
+  _choice(config, "router_mode", ROUTER_MODES, default="soft")
   _choice(config, "init.kind", INIT_KINDS)
   _choice(config, "optimizer.decay", LR_DECAYS)
   for field, choices in (("model.dtype", DTYPES), ("model.param_dtype", DTYPES), ("model.gmm_impl", GMM_IMPLS),
@@ -189,18 +221,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _choice(config, field, choices)
   _check_optimizer(config.optimizer)
   model_type, k_pre = init_header(config)
+  k_pre = int(config.model.get("k_pre", k_pre))  # loading applies config.model on top of the checkpoint
   expected = config.get("model_type") or None
   _need(expected is None or expected == model_type,
         f"init checkpoint is {model_type!r} but the config is for {expected!r}")
-  s = config.schedule
   # switch_at / ramp in 'steps' or 'epochs' are checked when training/protocol.py resolves them from the data.
-  fraction = lambda v, unit: v if s.get(unit, "fraction") == "fraction" else 0.0
-  sched = schedule.KSchedule(
-      k_train=tuple(s.k_train), mode=s.mode, anchor=s.get("anchor") or None,
-      switch_at=fraction(s.switch_at, "switch_unit"), ramp=fraction(s.ramp, "ramp_unit"),
-      probs=tuple(s.probs) if s.get("probs") else None, total_steps=config.num_steps, granularity=s.granularity)
+  sched = schedule.from_config(config)
   try:
-    schedule.validate(sched, int(k_pre))
+    schedule.validate(sched, k_pre)
   except (schedule.ScheduleError, ValueError) as e:
     raise TrainConfigError(f"schedule: {e}") from None
   n = jax.device_count()
@@ -208,17 +236,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     sharding.mesh_sizes(dict(config.mesh), n)
   except sharding.MeshError as e:
     raise TrainConfigError(f"mesh: {e}", fix="--config.mesh.data=-1 takes every device") from None
-  _need(config.batch_size % (n * config.microbatches) == 0,
-        f"batch_size={config.batch_size} must be divisible by data-parallel size ({n}) x microbatches "
-        f"({config.microbatches})")
+  _need(batch_error(config.batch_size, config.microbatches, n) is None,
+        batch_error(config.batch_size, config.microbatches, n))
   _check_data(config)
   _need(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1,
         "checkpoint.every_steps and checkpoint.keep must be >= 1")
-  _check_eval(config, int(k_pre))
+  requested = tuple(config.eval.get("ks") or ())
+  try:
+    plan = kplan.KPlan.for_training(k_pre, sched.levels, config.router_mode, requested)
+  except ValueError as e:
+    raise TrainConfigError(str(e), fix=f"--config.eval.ks=\"(1,{k_pre})\" or () for all") from None
+  _check_eval(config)
   if "select" in config:
-    from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top  (it imports this module)
-    protocol.validate_select(config)
+    validate_select(config)
   _check_allow_changes(config)
+  return plan
 
 
 def _check_allow_changes(config) -> None:
