@@ -10,6 +10,7 @@ import pytest
 
 from phds_jax import kernels
 from phds_jax.kernels import grouped_matmul as gm
+from phds_jax.kernels import registry
 from phds_jax.kernels import tuning
 from tests.grouped_reference import np_gmm, np_tgmm, operands
 
@@ -215,7 +216,7 @@ def test_accelerator_order_falls_through_pallas():
   gs = jnp.asarray([6, 10], jnp.int32)
   jaxpr = _jaxpr_text(lambda a, b: kernels.dispatch("gmm", order, a, b, gs, None, None), lhs, rhs)
   assert "ragged_dot_general" in jaxpr and "pallas_call" not in jaxpr
-  kernels._WARNED.clear()
+  registry._WARNED.clear()
   with pytest.warns(RuntimeWarning, match="'pallas' unavailable.*using 'ragged_dot'"):
     out = kernels.dispatch("gmm", order, lhs, rhs, gs, None, None)
   np.testing.assert_allclose(out, np_gmm(lhs, rhs, [6, 10]), rtol=1e-5, atol=1e-4)
@@ -302,7 +303,7 @@ def test_tokamax_unavailable_falls_back_with_a_warning():
     kernels.gmm(lhs, rhs, gs, impl="tokamax")
   with pytest.raises(NotImplementedError, match="tokamax"):
     kernels.tgmm(lhs, lhs, gs, impl="tokamax")
-  kernels._WARNED.clear()
+  registry._WARNED.clear()
   with pytest.warns(RuntimeWarning, match="'tokamax' unavailable.*using 'jax'"):
     out = kernels.dispatch("gmm", ("tokamax", "jax"), lhs, rhs, gs, None, None)
   np.testing.assert_allclose(out, np_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from phds_jax import kernels, models
-from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton, pallas_permute
+from phds_jax.kernels import pallas_gmm_tpu, pallas_gmm_triton, pallas_permute, tiling
 from phds_jax.kernels.pallas_gmm import BACKENDS, gmm_pallas, tgmm_pallas
 from phds_jax.kernels.pallas_gmm_tpu import make_work_items
 from phds_jax.kernels.pallas_routing import route_pallas
@@ -230,11 +230,11 @@ def test_triton_tile_group_ranges_skip_empty_groups():
 
 
 def test_triton_tiles_are_powers_of_two_dividing_the_dim():
-  assert pallas_gmm_triton.pow2_tile(1408, 128, "n") == 128
-  assert pallas_gmm_triton.pow2_tile(1408, 512, "n") == 128  # 1408 = 11 x 128
-  assert pallas_gmm_triton.pow2_tile(12, 16, "n") == 4
+  assert tiling.pow2_tile(1408, 128, "n") == 128
+  assert tiling.pow2_tile(1408, 512, "n") == 128  # 1408 = 11 x 128
+  assert tiling.pow2_tile(12, 16, "n") == 4
   with pytest.raises(NotImplementedError, match="n=12 has no power-of-two tile >= 16"):
-    pallas_gmm_triton.pow2_tile(12, 64, "n", minimum=16)
+    tiling.pow2_tile(12, 64, "n", minimum=16)
 
 
 def test_pallas_backend_foreign_to_platform_falls_through():
@@ -335,19 +335,19 @@ def test_permutation_kernels_lower_for_cuda():
 def test_device_compile_probe_reports_failures_once():
   """The probe that lets `auto` fall through when a device's compiler rejects a kernel: a real failure here
   (a non-interpreted Triton kernel cannot compile on CPU) and a real success (the interpreted one)."""
-  from phds_jax.kernels import pallas_gmm
+  from phds_jax.kernels import pallas_gmm, probes
   avals = [jax.ShapeDtypeStruct((32, 16), jnp.float32), jax.ShapeDtypeStruct((2, 16, 16), jnp.float32),
            jax.ShapeDtypeStruct((2,), jnp.int32)]
   device_opts, interp_opts = ("triton", False, 16, 16, 16), ("triton", True, 16, 16, 16)
   failing = pallas_gmm._gmm_fwd_and_bwd(device_opts, jnp.float32)
-  error = pallas_gmm.compiles_on_device(failing, *avals)
+  error = probes.compiles_on_device(failing, *avals)
   assert error is not None and "interpret" in error
-  cached = len(pallas_gmm._COMPILES)
-  assert pallas_gmm.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(device_opts, jnp.float32), *avals) == error
-  assert len(pallas_gmm._COMPILES) == cached  # an equal probe hits the cache
+  cached = len(probes._COMPILES)
+  assert probes.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(device_opts, jnp.float32), *avals) == error
+  assert len(probes._COMPILES) == cached  # an equal probe hits the cache
   with pytest.raises(NotImplementedError, match="pallas gmm kernels do not compile here"):
-    pallas_gmm._require_compiles(failing, *avals)
-  assert pallas_gmm.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(interp_opts, jnp.float32), *avals) is None
+    probes.require_compiles(failing, *avals, failure="pallas gmm kernels do not compile here")
+  assert probes.compiles_on_device(pallas_gmm._gmm_fwd_and_bwd(interp_opts, jnp.float32), *avals) is None
 
 
 @pytest.mark.parametrize("platform,target,calls", [("gpu", "cuda", 22), ("tpu", "tpu", 14)])

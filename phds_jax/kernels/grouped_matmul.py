@@ -19,19 +19,19 @@ copy of the weights (and a scatter-add for its gradient); the loops' 2-D dots ta
 and read the weights in place. Measured 2-7x faster forward, 1-3.5x forward+backward, on 2 cores
 (benchmarks/gmm.py keeps the batched variant for comparison).
 
-`gmm_tiled` has a `jax.custom_vjp` (loops with traced trip counts are not reverse-differentiable; the rule
-keeps only lhs, rhs and group_sizes as residuals): dlhs = gmm(g, rhsᵀ), drhs = tgmm(lhs, g).
+`gmm_tiled` is differentiated by the shared grouped-matmul rule (gmm_vjp.py: loops with traced trip counts
+are not reverse-differentiable; only lhs, rhs and group_sizes are kept): dlhs = gmm(g, rhsᵀ), drhs = tgmm(lhs, g).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from phds_jax.kernels.gmm_vjp import differentiable_gmm
 from phds_jax.kernels.platform import target_platform
 
 DEFAULT_TILE_M = 128
@@ -180,23 +180,8 @@ def _tgmm_loop(lhs_MxK: jax.Array, rhs_MxN: jax.Array, group_sizes_G: jax.Array,
 # Public tiled ops.
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm_tiled(lhs_MxK, rhs_GxKxN, group_sizes_G, ladder, out_dtype):
-  return _gmm_loop(lhs_MxK, rhs_GxKxN, group_sizes_G, ladder, out_dtype)
-
-
-def _gmm_tiled_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, ladder, out_dtype):
-  return _gmm_loop(lhs_MxK, rhs_GxKxN, group_sizes_G, ladder, out_dtype), (lhs_MxK, rhs_GxKxN, group_sizes_G)
-
-
-def _gmm_tiled_bwd(ladder, out_dtype, res, g_MxN):
-  lhs_MxK, rhs_GxKxN, group_sizes_G = res
-  dlhs_MxK = _gmm_loop(g_MxN, rhs_GxKxN, group_sizes_G, ladder, lhs_MxK.dtype, transpose_rhs=True)
-  drhs_GxKxN = _tgmm_loop(lhs_MxK, g_MxN, group_sizes_G, ladder, rhs_GxKxN.dtype)
-  return dlhs_MxK, drhs_GxKxN, None
-
-
-_gmm_tiled.defvjp(_gmm_tiled_fwd, _gmm_tiled_bwd)
+# The loops' trip counts are traced (not reverse-differentiable): the shared grouped-matmul VJP rule.
+_gmm_tiled = differentiable_gmm(_gmm_loop, _tgmm_loop)
 
 
 def gmm_tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m: int | None = None,

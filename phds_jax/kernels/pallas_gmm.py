@@ -6,11 +6,11 @@ Two kernel families share this entry point, because GPUs and TPUs disagree on ho
   "mosaic_tpu"  (pallas_gmm_tpu.py) TPUs: the grid is a sequential loop, so items sharing an output block
                 accumulate into it on consecutive steps and Mosaic pipelines the block DMAs.
 `backend=None` picks from the target platform (kernels/platform.py); on CPU both run under the Pallas interpreter ("triton"
-by default). The backward pass is the same for both: d lhs = gmm(g, rhs[g]ᵀ) without a transposed copy of
-the weights (`transpose_rhs`), d rhs = tgmm(lhs, g). Residuals are only (lhs, rhs, group_sizes).
+by default). The backward pass is the same for both, the shared grouped-matmul rule (gmm_vjp.py):
+d lhs = gmm(g, rhs[g]ᵀ) without a transposed copy of the weights (`transpose_rhs`), d rhs = tgmm(lhs, g).
 
 On a device, the first call for each operand signature compiles the kernels (forward and both backward
-kernels) on their own before they are used (`compiles_on_device`, cached). A kernel that the device's
+kernels) on their own before they are used (probes.py, cached). A kernel that the device's
 compiler rejects (Triton -> PTX, Mosaic -> TPU run only there) then raises NotImplementedError with the
 compiler's message, so `kernels.gmm(impl="auto")` falls through to ragged_dot with a warning instead of
 failing inside the caller's jit.
@@ -18,15 +18,14 @@ failing inside the caller's jit.
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import jax
 import jax.numpy as jnp
 
+from phds_jax.kernels.gmm_vjp import differentiable_gmm
 from phds_jax.kernels.pallas_gmm_tpu import gmm_mosaic, tgmm_mosaic
 from phds_jax.kernels.pallas_gmm_triton import gmm_triton, tgmm_triton
 from phds_jax.kernels.platform import pallas_family, target_platform
+from phds_jax.kernels.probes import Probe, forward_and_backward, require_compiles
 
 __all__ = ["BACKENDS", "gmm_pallas", "resolve_backend", "tgmm_pallas"]
 
@@ -65,6 +64,8 @@ def _tiles(backend: str, op: str, tile_m, tile_k, tile_n) -> dict:
 
 def _gmm_call(lhs, rhs, group_sizes, opts, out_dtype, transpose_rhs=False):
   backend, interpret, tile_m, tile_k, tile_n = opts
+  if transpose_rhs:  # d lhs contracts over n: the forward's tile_n is the contraction tile, tile_k the output's
+    tile_k, tile_n = tile_n, tile_k
   kernel = _KERNELS[backend][0]
   return kernel(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=interpret, out_dtype=out_dtype,
                 **_tiles(backend, "gmm", tile_m, tile_k, tile_n))
@@ -77,75 +78,13 @@ def _tgmm_call(lhs, grad, group_sizes, opts, out_dtype):
                 **_tiles(backend, "tgmm", tile_m, tile_k, tile_n))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(lhs, rhs, group_sizes, opts, out_dtype):
-  return _gmm_call(lhs, rhs, group_sizes, opts, out_dtype)
+_gmm = differentiable_gmm(_gmm_call, _tgmm_call)  # (lhs, rhs, group_sizes, opts, out_dtype)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, opts, out_dtype):
-  return _gmm_call(lhs, rhs, group_sizes, opts, out_dtype), (lhs, rhs, group_sizes)
-
-
-def _gmm_bwd(opts, out_dtype, res, g):
-  lhs, rhs, group_sizes = res
-  backend, interpret, tile_m, tile_k, tile_n = opts
-  # d lhs contracts over n: the forward's tile_n becomes the contraction tile and tile_k the output tile.
-  dlhs = _gmm_call(g, rhs, group_sizes, (backend, interpret, tile_m, tile_n, tile_k), lhs.dtype,
-                   transpose_rhs=True)
-  drhs = _tgmm_call(lhs, g, group_sizes, opts, rhs.dtype)
-  return dlhs, drhs, None
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-_COMPILES: dict[tuple, str | None] = {}  # signature -> None (compiles) or the compiler's error
-
-
-def compiles_on_device(fn, *avals) -> str | None:
-  """None if `fn` lowers and compiles for these abstract operands on the default backend, else the error
-  message; cached per (fn, avals), fn hashable. Safe inside a trace: it compiles a separate computation."""
-  key = (fn, tuple((a.shape, jnp.dtype(a.dtype)) for a in avals))
-  if key not in _COMPILES:
-    try:
-      jax.jit(fn).lower(*avals).compile()
-      _COMPILES[key] = None
-    except Exception as e:  # noqa: BLE001 - any compiler failure means "don't use this kernel here"
-      _COMPILES[key] = f"{type(e).__name__}: {e}"
-      logging.warning("a Pallas kernel does not compile on %s for operands %s; falling back: %s",
-                      jax.default_backend(), key[1], _COMPILES[key][:500])
-  return _COMPILES[key]
-
-
-class _Probe:
-  """A kernel call to probe, hashed by (name, opts, out_dtype) so equal probes share one cache entry."""
-
-  def __init__(self, name, fn, opts, out_dtype):
-    self.fn, self.key = fn, (name, opts, jnp.dtype(out_dtype).name)
-
-  def __call__(self, *args):
-    return self.fn(*args)
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Probe) and self.key == other.key
-
-
-def _require_compiles(probe: _Probe, *operands) -> None:
-  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in operands]
-  error = compiles_on_device(probe, *avals)
-  if error is not None:
-    raise NotImplementedError(f"pallas {probe.key[0]} kernels do not compile here: {error[:300]}")
-
-
-def _gmm_fwd_and_bwd(opts, out_dtype):
+def _gmm_fwd_and_bwd(opts, out_dtype) -> Probe:
   """The forward and both backward kernels (gmm with rhsᵀ, tgmm), as one function to compile."""
-  def fn(x, w, gs):
-    out, vjp = jax.vjp(lambda a, b: _gmm(a, b, gs, opts, out_dtype), x, w)
-    return out, vjp(out)
-  return _Probe("gmm", fn, opts, out_dtype)
+  fn = forward_and_backward(lambda x, w, gs: _gmm(x, w, gs, opts, out_dtype))
+  return Probe(("gmm", opts, jnp.dtype(out_dtype).name), fn)
 
 
 def _check_groups(num_groups: int) -> None:
@@ -169,7 +108,8 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   opts = (*resolve_backend(backend, interpret), tile_m, tile_k, tile_n)
   if not opts[1] and target_platform() == jax.default_backend():  # on a device: once per signature, check
     # that its compiler takes the kernels (not when lowering for another platform: nothing compiles here)
-    _require_compiles(_gmm_fwd_and_bwd(opts, out_dtype), lhs, rhs, group_sizes)
+    require_compiles(_gmm_fwd_and_bwd(opts, out_dtype), lhs, rhs, group_sizes,
+                     failure="pallas gmm kernels do not compile here")
   return _gmm(lhs, rhs, group_sizes, opts, out_dtype)
 
 
@@ -184,6 +124,6 @@ def tgmm_pallas(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
   backend, interpret = resolve_backend(backend, interpret)
   opts = (backend, interpret, tile_m, tile_k, tile_n)
   if not interpret and target_platform() == jax.default_backend():
-    probe = _Probe("tgmm", lambda x, d, gs: _tgmm_call(x, d, gs, opts, out_dtype), opts, out_dtype)
-    _require_compiles(probe, lhs, grad, group_sizes)
+    probe = Probe(("tgmm", opts, out_dtype.name), lambda x, d, gs: _tgmm_call(x, d, gs, opts, out_dtype))
+    require_compiles(probe, lhs, grad, group_sizes, failure="pallas tgmm kernels do not compile here")
   return _tgmm_call(lhs, grad, group_sizes, opts, out_dtype)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from phds_jax.kernels.pallas_gmm_triton import dot_precision
+from phds_jax.kernels.tiling import dot_precision
 
 __all__ = ["WorkItems", "gmm_mosaic", "make_work_items", "tgmm_mosaic"]
 

@@ -32,44 +32,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from phds_jax.kernels.grouped_matmul import group_bounds
+from phds_jax.kernels.tiling import dot_precision, pow2_tile, row_tile
 
-__all__ = ["dot_precision", "gmm_triton", "next_pow2", "pow2_tile", "tgmm_triton"]
+__all__ = ["gmm_triton", "tgmm_triton"]
 
 MIN_PROGRAMS = 256  # below this many (row tile, n tile) programs, gmm splits tiles by group (~2 per H100 SM)
 MAX_SPLIT_ROWS = 256  # ... if m is at most this: fp32 partials of <= 16 x 16 x 16 = 4096 rows (decode sizes)
 MIN_DOT_TILE = 16  # tl.dot needs every dimension >= 16; the interpreter enforces it too, so CPU runs
                    # accept exactly the shapes a GPU would
-
-
-def next_pow2(n: int) -> int:
-  """Smallest power of two >= n (1 for n <= 1): Triton tensor shapes must be powers of two."""
-  return 1 << max(n - 1, 0).bit_length()
-
-
-def pow2_tile(dim: int, preferred: int, name: str, minimum: int = 1) -> int:
-  """Largest power of two <= `preferred` dividing `dim` (Triton tensors have power-of-two shapes)."""
-  tile = 1 << max(int(preferred), 1).bit_length() - 1
-  while tile > 1 and dim % tile:
-    tile //= 2
-  if tile < minimum:
-    raise NotImplementedError(f"pallas gmm (triton): {name}={dim} has no power-of-two tile >= {minimum} "
-                              f"dividing it (preferred tile {preferred})")
-  return tile
-
-
-def _row_tile(m: int, preferred: int, minimum: int) -> int:
-  """Row tile: rows are padded, so any power of two works; no bigger than m needs, no smaller than minimum."""
-  return max(minimum, min(1 << max(int(preferred), 1).bit_length() - 1, next_pow2(m)))
-
-
-def dot_precision(dtype) -> lax.Precision | None:
-  """fp32 tiles follow jax's default matmul precision ("float32"/"highest" -> exact fp32; otherwise the
-  platform's fast default, as XLA's own fp32 dots: TF32 on GPUs, bf16 passes on TPUs); other dtypes need
-  none. Shared by both kernel families."""
-  if jnp.dtype(dtype) != jnp.float32:
-    return None
-  setting = str(jax.config.jax_default_matmul_precision or "").lower()
-  return lax.Precision.HIGHEST if setting in ("float32", "highest") else None
 
 
 def _compiler_params(num_warps: int | None, num_stages: int | None):
@@ -110,7 +80,7 @@ def gmm_triton(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile_m
   num_groups = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-  tm = _row_tile(m, tile_m, MIN_DOT_TILE)
+  tm = row_tile(m, tile_m, MIN_DOT_TILE)
   tk, tn = pow2_tile(k, tile_k, "k", MIN_DOT_TILE), pow2_tile(n, tile_n, "n", MIN_DOT_TILE)
   if split_groups is None:  # decode-sized: more programs, smallest row tile (groups of ~1 row each)
     split_groups = m <= MAX_SPLIT_ROWS and pl.cdiv(m, tm) * (n // tn) < MIN_PROGRAMS
@@ -169,7 +139,7 @@ def tgmm_triton(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tile
   n = grad.shape[1]
   num_groups = group_sizes.shape[0]
   out_dtype = jnp.dtype(out_dtype or lhs.dtype)
-  tm = _row_tile(m, tile_m, MIN_DOT_TILE)
+  tm = row_tile(m, tile_m, MIN_DOT_TILE)
   tk, tn = pow2_tile(k, tile_k, "k", MIN_DOT_TILE), pow2_tile(n, tile_n, "n", MIN_DOT_TILE)
   rows = pl.cdiv(m, tm) * tm
   lhs_p = jnp.pad(lhs, ((0, rows - m), (0, 0)))

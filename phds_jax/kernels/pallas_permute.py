@@ -7,8 +7,9 @@ expert, and the inverse permutation fused with the weighted sum over each token'
 The combine never materialises the [T, S, D] un-sorted copy the jnp path builds. Both are gathers of whole
 rows with a vector of row ids per program (Triton pointer arithmetic); grids are (row tiles, D tiles) and
 every program owns its output block. Mosaic (TPU) has no vector gather from HBM, so `kernels.gather_rows` /
-`kernels.weighted_combine` use these on GPU and under the CPU interpreter, and jnp elsewhere. Forward only:
-models/experts.py wires them into custom VJPs (the backward of a gather is a combine and vice versa).
+`kernels.weighted_combine` (registry.py) use these on GPU and under the CPU interpreter, and their pure-JAX
+twins (permute.py) elsewhere. Forward only: models/experts.py wires them into custom VJPs (the backward of a
+gather is a combine and vice versa).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from phds_jax.kernels.pallas_gmm_triton import next_pow2, pow2_tile
+from phds_jax.kernels.tiling import next_pow2, pow2_tile
 
 __all__ = ["gather_rows_pallas", "weighted_combine_pallas"]
 

@@ -1,9 +1,10 @@
 """Fused Pallas router: softmax + exact top-S + soft/hard slot weights + expert counts in one kernel.
 
-Matches `phds_jax.models.router.route` (weights, experts, expert_load): fp32 softmax over all E experts,
-top-S by S rounds of argmax (ties go to the lower expert index, as `lax.top_k`), slots >= k weighted `eps`
-in soft mode, renormalisation only if `norm_topk_prob`, counts over the k active slots of unmasked tokens.
-`models.router.route(..., impl="pallas")` calls it; the router stays the one place k is interpreted.
+Matches its pure-JAX twin `routing.route_jax` (weights, experts, expert_load): fp32 softmax over all E
+experts, top-S by S rounds of argmax (ties go to the lower expert index, as `lax.top_k`), slots >= k weighted
+`eps` in soft mode, renormalisation only if `norm_topk_prob`, counts over the k active slots of unmasked
+tokens. `kernels.route(..., impl="pallas")` runs it (through `route_fused`); models/router.py stays the one
+place k is interpreted.
 
 Grid: one program per tile of `tile_t` tokens (T padded internally; padded rows are excluded from counts).
 Each program writes its own partial counts row, summed outside, so the grid has no cross-step state and is
@@ -12,8 +13,9 @@ experts get logit -inf (probability 0, and they lose every tie to a real expert)
 off. Blocks are (tile_t, E') / (tile_t, S') / (1, 1, E') with full last dims, which Mosaic (TPU) accepts
 for tile_t % 8 == 0. Lowerings for CUDA and TPU are checked on CPU by exporting (tests/test_pallas.py).
 
-Forward only: `router.route` differentiates it with a custom VJP that re-derives the weights from the chosen
-experts in jnp (experts and counts are integer-valued and carry no gradient).
+`route_pallas` is forward only; `route_fused` differentiates it with a custom VJP that re-derives the weights
+from the chosen experts in jnp (`routing.slot_weights`; experts and counts are integer-valued and carry no
+gradient).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from phds_jax.kernels.pallas_gmm_triton import next_pow2
 from phds_jax.kernels.platform import pallas_family, target_platform
+from phds_jax.kernels.routing import slot_weights
+from phds_jax.kernels.tiling import next_pow2
 
-__all__ = ["route_pallas"]
+__all__ = ["route_fused", "route_pallas"]
 
 
 def _route_kernel(logits_ref, mask_ref, w_ref, e_ref, cnt_ref, *, k, slots, num_experts, eps,
@@ -104,7 +107,8 @@ def route_pallas(logits: jax.Array, *, k: int, slots: int, eps: float = 1e-6, no
   """logits [T,E] -> (weights [T,S] fp32, experts [T,S] int32, expert_counts [E] fp32).
 
   `slots` = router.num_slots(k, k_pre, mode): slots >= k get weight `eps`. `token_mask` [T] (1 = count
-  the token). `backend`: "triton" | "mosaic_tpu" (None: the platform's). `interpret=None`: interpret on CPU. Not differentiable by itself (see router.route).
+  the token). `backend`: "triton" | "mosaic_tpu" (None: the platform's). `interpret=None`: interpret on CPU.
+  Not differentiable by itself (see `route_fused`).
   """
   num_tokens, num_experts = logits.shape
   if not 1 <= k <= slots <= num_experts:
@@ -118,3 +122,32 @@ def route_pallas(logits: jax.Array, *, k: int, slots: int, eps: float = 1e-6, no
     token_mask = jnp.ones((num_tokens,), jnp.float32)
   return _route_call(logits, token_mask, k, slots, float(eps), bool(norm_topk_prob), tile_t, bool(interpret),
                      backend)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def route_fused(logits_TxE: jax.Array, token_mask_T: jax.Array, k: int, slots: int, eps: float,
+                norm_topk_prob: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`route_pallas` (weights, experts, expert_load), differentiable through the weights."""
+  return route_pallas(logits_TxE, k=k, slots=slots, eps=eps, norm_topk_prob=norm_topk_prob,
+                      token_mask=token_mask_T)
+
+
+def _route_fused_fwd(logits_TxE, token_mask_T, k, slots, eps, norm_topk_prob):
+  out = route_fused(logits_TxE, token_mask_T, k, slots, eps, norm_topk_prob)
+  return out, (logits_TxE, token_mask_T, out[1])
+
+
+def _route_fused_bwd(k, slots, eps, norm_topk_prob, res, cotangents):
+  """The weights' VJP, re-derived in jnp from the experts the kernel chose."""
+  logits_TxE, token_mask_T, experts_TxS = res
+
+  def weights_of(logits):
+    probs_TxE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top_p_TxS = jnp.take_along_axis(probs_TxE, experts_TxS, axis=-1)
+    return slot_weights(top_p_TxS, k=k, eps=eps, norm_topk_prob=norm_topk_prob)
+
+  _, vjp = jax.vjp(weights_of, logits_TxE)
+  return vjp(cotangents[0])[0], jnp.zeros_like(token_mask_T)
+
+
+route_fused.defvjp(_route_fused_fwd, _route_fused_bwd)

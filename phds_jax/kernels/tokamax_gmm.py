@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from phds_jax.kernels.platform import target_platform
+from phds_jax.kernels.probes import Probe, forward_and_backward, require_compiles
 
 __all__ = ["gmm_tokamax", "import_tokamax", "tgmm_tokamax"]
 
@@ -78,21 +79,8 @@ class _Call:
 def _require_compiles(call: _Call, *operands: jax.Array, differentiate: bool) -> None:
   """On the device, compile the call (with its VJP for gmm) once per signature before using it inside the
   caller's jit: a kernel its compiler rejects becomes a NotImplementedError, not a failed training step."""
-  from phds_jax.kernels.pallas_gmm import compiles_on_device  # the same per-signature cache as Pallas
-
-  probe = _VjpProbe(call) if differentiate else call
-  error = compiles_on_device(probe, *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in operands])
-  if error is not None:
-    raise NotImplementedError(f"tokamax {call.op} does not compile here: {error[:300]}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _VjpProbe:
-  call: _Call
-
-  def __call__(self, lhs, rhs, group_sizes):
-    out, vjp = jax.vjp(lambda a, b: self.call(a, b, group_sizes), lhs, rhs)
-    return out, vjp(out)
+  probe = Probe(("vjp", call), forward_and_backward(call)) if differentiate else call
+  require_compiles(probe, *operands, failure=f"tokamax {call.op} does not compile here")
 
 
 def gmm_tokamax(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

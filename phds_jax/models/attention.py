@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from phds_jax.kernels.platform import target_platform
+from phds_jax.kernels.probes import compiles_on_device  # one compile per signature, cached
 from phds_jax.models.config import ModelConfig
 from phds_jax.models.layers import Linear, RMSNorm
 
@@ -146,8 +147,6 @@ def attention_impl_for(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, mask
     return "xla"
   if q.dtype not in _FUSED_DTYPES or q.shape[1] == 1:
     return "xla"
-  from phds_jax.kernels.pallas_gmm import compiles_on_device  # one compile per signature, cached
-
   error = compiles_on_device(_CudnnProbe(causal), *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, mask)])
   if error is None:
     return "cudnn"

@@ -29,12 +29,12 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from phds_jax.kernels.registry import GMM_IMPLS, ROUTING_IMPLS  # the impl names, defined once there
+
 ModelType = Literal["olmoe", "qwen2_moe", "qwen3_moe"]
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("olmoe", "qwen2_moe", "qwen3_moe")
-GMM_IMPLS: tuple[str, ...] = ("auto", "tokamax", "pallas", "jax", "ragged_dot", "dense")  # = kernels.IMPLS
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn")  # see models.attention.attention_impl_for
 LB_NORMS: tuple[str, ...] = ("k", "hf")  # balance loss divided by k (ours) or transformers' form, see router.route
-ROUTING_IMPLS: tuple[str, ...] = ("jax", "pallas")  # see models.router and kernels.pallas_permute
 _DTYPES = ("float32", "bfloat16", "float16")
 
 

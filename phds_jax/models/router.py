@@ -11,14 +11,13 @@ a static number of slots per token. Two modes:
   architecture renormalises (``norm_topk_prob``), after masking. With ``eps = 0`` soft equals hard.
 
 Semantics follow the Hugging Face reference: softmax over *all* experts in fp32, exact ``lax.top_k``, then
-optional renormalisation of the kept probabilities. ``impl="pallas"`` runs the selection (softmax, top-S,
-slot weights, expert counts) as one fused Pallas kernel (kernels/pallas_routing.py) and differentiates it
-here, through ``slot_weights`` of the experts it chose; ``impl="jax"`` (the default) is plain jnp.
+optional renormalisation of the kept probabilities. The selection (softmax, top-S, slot weights, expert
+counts) is `kernels.route`: ``impl="jax"`` (the default) is plain jnp, ``impl="pallas"`` one fused Pallas
+kernel differentiated through the slot weights of the experts it chose (kernels/pallas_routing.py).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import numbers
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from phds_jax.kernels.pallas_routing import route_pallas
+from phds_jax import kernels
 from phds_jax.models.config import LB_NORMS, ROUTING_IMPLS
 
 RouterMode = Literal["hard", "soft"]
@@ -69,42 +68,6 @@ def num_slots(k: int, k_pre: int, mode: RouterMode) -> int:
   raise ValueError(f"router mode {mode!r} is not one of {ROUTER_MODES}")
 
 
-def slot_weights(top_p_TxS: jax.Array, *, k: int, eps: float, norm_topk_prob: bool) -> jax.Array:
-  """Combine weights of the S slots from their router probabilities: eps past k, then renormalised if the
-  architecture renormalises (after masking, so soft slots take their eps share)."""
-  weights_TxS = jnp.where(jnp.arange(top_p_TxS.shape[-1]) < k, top_p_TxS, jnp.float32(eps))
-  if norm_topk_prob:
-    weights_TxS = weights_TxS / jnp.sum(weights_TxS, axis=-1, keepdims=True)
-  return weights_TxS
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _select_fused(logits_TxE, token_mask_T, k, slots, eps, norm_topk_prob):
-  """(weights, experts, expert_load) from the fused Pallas router kernel."""
-  return route_pallas(logits_TxE, k=k, slots=slots, eps=eps, norm_topk_prob=norm_topk_prob,
-                      token_mask=token_mask_T)
-
-
-def _select_fused_fwd(logits_TxE, token_mask_T, k, slots, eps, norm_topk_prob):
-  out = _select_fused(logits_TxE, token_mask_T, k, slots, eps, norm_topk_prob)
-  return out, (logits_TxE, token_mask_T, out[1])
-
-
-def _select_fused_bwd(k, slots, eps, norm_topk_prob, res, cotangents):
-  logits_TxE, token_mask_T, experts_TxS = res
-
-  def weights_of(logits):
-    probs_TxE = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    top_p_TxS = jnp.take_along_axis(probs_TxE, experts_TxS, axis=-1)
-    return slot_weights(top_p_TxS, k=k, eps=eps, norm_topk_prob=norm_topk_prob)
-
-  _, vjp = jax.vjp(weights_of, logits_TxE)
-  return vjp(cotangents[0])[0], jnp.zeros_like(token_mask_T)
-
-
-_select_fused.defvjp(_select_fused_fwd, _select_fused_bwd)
-
-
 def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard",
           eps: float = 1e-6, norm_topk_prob: bool = False,
           token_mask_T: jax.Array | None = None, impl: str = "jax", lb_norm: str = "k") -> Routing:
@@ -136,16 +99,8 @@ def route(logits_TxE: jax.Array, *, k: int, k_pre: int, mode: RouterMode = "hard
   token_mask_T = token_mask_T.astype(jnp.float32)
   n_tokens = jnp.maximum(jnp.sum(token_mask_T), 1.0)
 
-  if impl == "pallas":
-    weights_TxS, experts_TxS, expert_load_E = _select_fused(logits, token_mask_T, k, slots, float(eps),
-                                                            bool(norm_topk_prob))
-  else:
-    top_p_TxS, experts_TxS = jax.lax.top_k(probs_TxE, slots)
-    weights_TxS = slot_weights(top_p_TxS, k=k, eps=eps, norm_topk_prob=norm_topk_prob)
-    # Load counts only the k active slots, so sum(load) = k * tokens.
-    active_S = jnp.arange(slots) < k
-    one_hot_TxSxE = jax.nn.one_hot(experts_TxS, num_experts, dtype=jnp.float32) * active_S[None, :, None]
-    expert_load_E = jnp.einsum("tse,t->e", one_hot_TxSxE, token_mask_T)
+  weights_TxS, experts_TxS, expert_load_E = kernels.route(logits, token_mask_T, k=k, slots=slots, eps=eps,
+                                                          norm_topk_prob=norm_topk_prob, impl=impl)
   frac_tokens_E = expert_load_E / n_tokens  # sums to k
   mean_prob_E = jnp.einsum("te,t->e", probs_TxE, token_mask_T) / n_tokens
   # Switch-style balance loss E * sum_e f_e P_e (transformers' form, = k at perfect balance); divided by k
