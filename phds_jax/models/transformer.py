@@ -6,6 +6,22 @@
     logits, aux, cache = model.apply({'params': params}, tokens, k=4, cache=init_cache(cfg, B, L))
 
 Jit with `static_argnames=('k', 'mode')` (see `jit_forward`): each distinct k compiles once.
+
+Array names end in their shape, one capital letter per axis (`x_BxTxD` is [batch, tokens, hidden]). The letters
+mean the same here and in attention.py, moe.py, router.py and experts.py:
+
+    B  batch rows                        H  query heads
+    T  tokens of this call (the MoE      G  key/value heads (GQA groups)
+       block flattens B·T into T)        R  query heads per group, H / G
+    L  key positions: KV-cache slots     K  head dim
+       when decoding, T without a cache  E  experts
+    D  hidden size                       S  expert slots per token (router)
+    V  vocabulary                        F  expert FFN width
+    M  MoE layers                        N  (token, slot) pairs, T·S (experts)
+
+Letters written together are one flattened axis (`q_BxTxHK` is [B, T, H*K]); a digit multiplies (`2F`), and
+`K2` is K / 2. Lower-case k stays the top-k level (a Python int); in attention, `k_*` and `v_*` are the keys
+and values.
 """
 
 from __future__ import annotations
@@ -32,18 +48,18 @@ class DecoderLayer(nn.Module):
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x, positions, mask, *, k, mode, token_mask, cache=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxL, *, k, mode, token_mask, cache=None):
     cfg = self.cfg
-    h, new_cache = attn_lib.Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x), positions,
-                                                        mask, cache)
-    x = x + h
-    h = RMSNorm(cfg, name="post_attn_norm")(x)
+    h_BxTxD, new_cache = attn_lib.Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BxTxD),
+                                                              positions_BxT, mask_BxTxL, cache)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    h_BxTxD = RMSNorm(cfg, name="post_attn_norm")(x_BxTxD)
     if self.is_moe:
-      h, routing = MoeBlock(cfg, name="moe")(h, k=k, mode=mode, token_mask_BxT=token_mask)
+      h_BxTxD, routing = MoeBlock(cfg, name="moe")(h_BxTxD, k=k, mode=mode, token_mask_BxT=token_mask)
     else:
-      b, t, d = h.shape
-      h, routing = MLP(cfg, cfg.dense_ffn, name="mlp")(h.reshape(b * t, d)).reshape(b, t, d), None
-    return x + h, routing, new_cache
+      b, t, d = h_BxTxD.shape
+      h_BxTxD, routing = MLP(cfg, cfg.dense_ffn, name="mlp")(h_BxTxD.reshape(b * t, d)).reshape(b, t, d), None
+    return x_BxTxD + h_BxTxD, routing, new_cache
 
 
 class Transformer(nn.Module):
@@ -69,47 +85,47 @@ class Transformer(nn.Module):
     router_lib.check_k(k, cfg.num_experts, cfg.k_pre)
     router_lib.num_slots(k, cfg.k_pre, mode)  # validates mode before tracing the layers
     b, t = tokens_BxT.shape
-    if attention_mask is None:
-      attention_mask = jnp.ones((b, t), jnp.int32)
+    attention_mask_BxT = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+    positions_BxT = positions
     if cache is None:
-      if positions is None:
-        positions = attn_lib.default_positions(attention_mask, segment_ids, (b, t))
-      mask = attn_lib.self_attention_mask(attention_mask, segment_ids, (b, t))
+      if positions_BxT is None:
+        positions_BxT = attn_lib.default_positions(attention_mask_BxT, segment_ids, (b, t))
+      mask_BxTxL = attn_lib.self_attention_mask(attention_mask_BxT, segment_ids, (b, t))
     else:
       if segment_ids is not None:
         raise ValueError("segment_ids (packing) is not supported together with a KV cache")
-      valid = attention_mask.astype(jnp.int32)
-      if positions is None:
-        positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-      key_mask, mask = cached_attention_mask(cache.key_mask, valid, cache.index)
+      valid_BxT = attention_mask_BxT.astype(jnp.int32)
+      if positions_BxT is None:
+        positions_BxT = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+      key_mask_BxL, mask_BxTxL = cached_attention_mask(cache.key_mask, valid_BxT, cache.index)
 
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, embedding_init=kernel_init, name="embed")
-    x = embed(tokens_BxT)
+    x_BxTxD = embed(tokens_BxT)
     routings, new_k, new_v = [], [], []
     for i, is_moe in enumerate(cfg.moe_layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, routing, kv = DecoderLayer(cfg, is_moe, name=f"layer_{i}")(
-          x, positions, mask, k=k, mode=mode, token_mask=attention_mask, cache=layer_cache)
+      x_BxTxD, routing, kv = DecoderLayer(cfg, is_moe, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, mask_BxTxL, k=k, mode=mode, token_mask=attention_mask_BxT, cache=layer_cache)
       if routing is not None:
         routings.append(routing)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    x = RMSNorm(cfg, name="final_norm")(x)
+    x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      logits_BxTxV = embed.attend(x_BxTxD)
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.weight_dtype, kernel_init=kernel_init, name="lm_head")(x)
+      logits_BxTxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype, kernel_init=kernel_init, name="lm_head")(x_BxTxD)
     aux = aux_from_routings(routings, cfg.num_experts)
-    logits = logits.astype(jnp.float32)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     if cache is None:
-      return logits, aux
+      return logits_BxTxV, aux
     new_cache = attn_lib.KVCache(
-        k=tuple(new_k), v=tuple(new_v), key_mask=key_mask,
-        next_pos=cache.next_pos + jnp.sum(valid, axis=1).astype(jnp.int32), index=cache.index + t)
-    return logits, aux, new_cache
+        k=tuple(new_k), v=tuple(new_v), key_mask=key_mask_BxL,
+        next_pos=cache.next_pos + jnp.sum(valid_BxT, axis=1).astype(jnp.int32), index=cache.index + t)
+    return logits_BxTxV, aux, new_cache
 
 
 def cached_attention_mask(key_mask_BxL: jax.Array, valid_BxT: jax.Array, index: jax.Array):
@@ -125,7 +141,7 @@ def cached_attention_mask(key_mask_BxL: jax.Array, valid_BxT: jax.Array, index: 
 
 
 def aux_from_routings(routings: list[router_lib.Routing], num_experts: int) -> Aux:
-  """Averages the per-layer router losses; stacks per-layer expert loads [L_moe, E]."""
+  """Averages the per-layer router losses; stacks per-layer expert loads [M, E]."""
   if not routings:
     zero = jnp.zeros((), jnp.float32)
     return {"lb_loss": zero, "z_loss": zero, "expert_load": jnp.zeros((0, num_experts), jnp.float32)}
