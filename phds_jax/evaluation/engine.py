@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax import models, shapes
+from phds_jax.models import forward
 from phds_jax.models.config import ModelConfig
 
 Ids = list[int]
@@ -43,10 +44,10 @@ def _fill(rows: list[int], batch_size: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _score_fn(cfg: ModelConfig) -> Callable:
-  model = models.build(cfg)
+  apply = forward.apply_fn(cfg)
 
   def score(params, tokens, mask, targets, *, k):
-    logits, _ = model.apply({"params": params}, tokens, k=k, attention_mask=mask)
+    logits, _ = apply(params, tokens, k=k, attention_mask=mask)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logprob = target_logit - jax.nn.logsumexp(logits, axis=-1)
     return logprob, jnp.argmax(logits, axis=-1) == targets
@@ -56,16 +57,15 @@ def _score_fn(cfg: ModelConfig) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _decode_fns(cfg: ModelConfig) -> tuple[Callable, Callable]:
-  model = models.build(cfg)
 
   def prefill(params, tokens, mask, *, k, cache_len):
     cache = models.init_cache(cfg, tokens.shape[0], cache_len)
-    logits, _, cache = model.apply({"params": params}, tokens, k=k, attention_mask=mask, cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    logits_BxV, cache = forward.last_logits(cfg, params, tokens, cache, k=k, attention_mask=mask)
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
   def step(params, tokens, cache, *, k):
-    logits, _, cache = model.apply({"params": params}, tokens[:, None], k=k, cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    logits_BxV, cache = forward.last_logits(cfg, params, tokens[:, None], cache, k=k)
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
   return (jax.jit(prefill, static_argnames=("k", "cache_len")),
           jax.jit(step, static_argnames=("k",), donate_argnames=("cache",)))

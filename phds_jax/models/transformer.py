@@ -161,13 +161,3 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Any:
   """Random parameters in the HF init scheme (normal(0.02) kernels, unit norms)."""
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   return jax.jit(lambda r: build(cfg).init(r, tokens)["params"])(rng)
-
-
-def jit_forward(cfg: ModelConfig):
-  """`forward(params, tokens, *, k, mode='hard', **kw)`, jitted with k and mode static."""
-  model = build(cfg)
-
-  def forward(params, tokens, *, k: int, mode: str = "hard", **kwargs):
-    return model.apply({"params": params}, tokens, k=k, mode=mode, **kwargs)
-
-  return jax.jit(forward, static_argnames=("k", "mode"))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from phds_jax import models, shapes
+from phds_jax.models import forward as fwd
 from phds_jax.models.attention import KVCache
 from phds_jax.models.config import ModelConfig
 from phds_jax.serve.sampling import RowSampling, SamplingParams, sample
@@ -37,19 +38,18 @@ Ids = list[int]
 
 @functools.lru_cache(maxsize=None)
 def _generate_fn(cfg: ModelConfig) -> Callable:
-  model = models.build(cfg)
 
   def run(params, tokens_BxP, mask_BxP, max_new_B, eos_E, samp, *, k: int, new_cap: int):
     b, p = tokens_BxP.shape
     cache = models.init_cache(cfg, b, p + new_cap)
-    logits, _, cache = model.apply({"params": params}, tokens_BxP, k=k, attention_mask=mask_BxP, cache=cache)
-    first_B = sample(logits[:, -1], jnp.zeros((b,), jnp.int32), *samp)
+    logits_BxV, cache = fwd.last_logits(cfg, params, tokens_BxP, cache, k=k, attention_mask=mask_BxP)
+    first_B = sample(logits_BxV, jnp.zeros((b,), jnp.int32), *samp)
     out_BxN = jnp.full((b, new_cap), -1, jnp.int32)
 
     def forward(state):
       i, tok_B, cache = state
-      logits, _, cache = model.apply({"params": params}, tok_B[:, None], k=k, cache=cache)
-      return sample(logits[:, -1], jnp.full((b,), i + 1, jnp.int32), *samp), cache
+      logits_BxV, cache = fwd.last_logits(cfg, params, tok_B[:, None], cache, k=k)
+      return sample(logits_BxV, jnp.full((b,), i + 1, jnp.int32), *samp), cache
 
     def body(state):
       i, tok_B, cache, out_BxN, done_B = state
@@ -122,12 +122,9 @@ def init_slots(cfg: ModelConfig, max_batch: int, cache_len: int) -> KVCache:
 def prefill_chunk_fn(cfg: ModelConfig) -> Callable:
   """`(params, row_cache, tokens_1xC, mask_1xC, *, k) -> (last logits [1, V], row_cache)`: one chunk of one
   prompt into a one-row cache (scalar write position)."""
-  model = models.build(cfg)
 
   def run(params, row_cache, tokens_1xC, mask_1xC, *, k):
-    logits, _, row_cache = model.apply({"params": params}, tokens_1xC, k=k, attention_mask=mask_1xC,
-                                       cache=row_cache)
-    return logits[:, -1], row_cache
+    return fwd.last_logits(cfg, params, tokens_1xC, row_cache, k=k, attention_mask=mask_1xC)
 
   return jax.jit(run, static_argnames=("k",), donate_argnames=("row_cache",))
 
@@ -161,14 +158,12 @@ def decode_step_fn(cfg: ModelConfig) -> Callable:
   another k group's rows) neither see nor leave anything: their token is masked out of attention and the MoE
   statistics, and their write position does not move.
   """
-  model = models.build(cfg)
 
   def one(params, cache, tokens_B, active_B, step_B, samp, k):
     valid_Bx1 = active_B[:, None].astype(jnp.int32)
-    logits, _, new_cache = model.apply({"params": params}, tokens_B[:, None], k=k, attention_mask=valid_Bx1,
-                                       cache=cache)
+    logits_BxV, new_cache = fwd.last_logits(cfg, params, tokens_B[:, None], cache, k=k, attention_mask=valid_Bx1)
     new_cache = new_cache._replace(index=jnp.where(active_B, new_cache.index, cache.index))
-    return sample(logits[:, -1], step_B, *samp), new_cache
+    return sample(logits_BxV, step_B, *samp), new_cache
 
   def run(params, cache, tokens_B, active_B, step_B, samp, *, k, n_steps=1):
     if n_steps == 1:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from phds_jax import models, sharding
+from phds_jax.models import forward
 
 Batch = dict[str, jax.Array]
 
@@ -122,10 +123,10 @@ def make_train_step(model_cfg: models.ModelConfig, levels: tuple[int, ...], tx: 
 
 def make_eval_fn(model_cfg: models.ModelConfig) -> Callable:
   """eval(params, batch, k) -> (nll_sum, tokens), hard routing at k (what serving runs); k static."""
-  model = models.build(model_cfg)
+  apply = forward.apply_fn(model_cfg)
 
   def eval_fn(params, batch: Batch, k: int):
-    logits, _ = model.apply({"params": params}, batch["tokens"], k=k, mode="hard", **model_inputs(batch))
+    logits, _ = apply(params, batch["tokens"], k=k, mode="hard", **model_inputs(batch))
     return token_nll(logits, batch["targets"], batch["loss_mask"])
 
   return jax.jit(eval_fn, static_argnames=("k",))
