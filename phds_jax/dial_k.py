@@ -1,7 +1,7 @@
 r"""Dial k on one checkpoint: load an HF MoE directory (or make a small random one) and report every k.
 
-    python -m phds_jax.demo                       # offline: a small random OLMoE-style model
-    python -m phds_jax.demo --hf_dir=/path/to/OLMoE-1B-7B-0125 --dtype=bfloat16
+    python -m phds_jax.dial_k                     # offline: a small random OLMoE-style model
+    python -m phds_jax.dial_k --hf_dir=/path/to/OLMoE-1B-7B-0125 --dtype=bfloat16
 
 For each k in 1..k_pre it prints the expert FLOP share, the forward time, and how far the next-token
 distribution moves from the k_pre one (KL and top-1 agreement). Point it at a PHDS-trained checkpoint
@@ -16,7 +16,6 @@ import tempfile
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from phds_jax import hf, models
 from phds_jax.timing import median_ms
@@ -27,13 +26,13 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Sequences per forward.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random model and tokens.")
 
-DEMO_CONFIG = dict(model_type="olmoe", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
+RANDOM_MODEL_CONFIG = dict(model_type="olmoe", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
                    num_kv_heads=4, head_dim=32, num_experts=32, k_pre=8, moe_ffn=64, qk_norm="full")
 
 
 def make_random_checkpoint(directory: str, seed: int = 0) -> str:
   """Writes a random OLMoE-style model as an HF directory (exercises hf.save/hf.load end to end)."""
-  cfg = models.ModelConfig(**DEMO_CONFIG)
+  cfg = models.ModelConfig(**RANDOM_MODEL_CONFIG)
   params = models.init_params(cfg, jax.random.PRNGKey(seed))
   hf.save(directory, cfg, params)
   return directory

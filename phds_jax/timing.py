@@ -1,4 +1,4 @@
-"""Wall-clock timing of jitted calls (the demo and the benchmarks share it)."""
+"""Wall-clock timing of jitted calls (dial_k.py and the benchmarks share it)."""
 
 from __future__ import annotations
 
