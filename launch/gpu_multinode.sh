@@ -17,18 +17,18 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive
 set -euo pipefail
-CONFIG=${CONFIG:-configs/olmoe.py}
+# sbatch runs a spool copy of this file, so common.sh may not sit beside it; the job starts in the submit directory
+# (the checkout, as the relative configs/ path assumes).
+common=$(dirname "${BASH_SOURCE[0]}")/common.sh
+[[ -f "$common" ]] || common=launch/common.sh
+source "$common"
 PYTHON=${PYTHON:-python}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NODES=${SLURM_JOB_NUM_NODES:-${NODES:-1}}
 WORKDIR=${WORKDIR:-/shared/${USER:-user}/runs/phds-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}
 args=(--config="$CONFIG" --workdir="$WORKDIR")
 
-dry_run=0
-user_args=()
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then dry_run=1; else user_args+=("$a"); fi
-done
+split_args "$@"
 if (( dry_run )); then
   exec "$PYTHON" -m phds_jax.train "${args[@]}" "${user_args[@]}" --dry_run \
       --plan_devices=$(( NODES * GPUS_PER_NODE )) --plan_hosts="$NODES" --plan_device_memory_gb="${GPU_MEM_GB:-80}"

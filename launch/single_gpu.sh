@@ -13,7 +13,7 @@
 # Environment: CONFIG (default configs/olmoe.py), WORKDIR (default runs/<name>-<time>), NUM_GPUS (default:
 # nvidia-smi's count, else 1), GPU_MEM_GB (default 80), PYTHON (default python).
 set -euo pipefail
-CONFIG=${CONFIG:-configs/olmoe.py}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python}
 GPU_MEM_GB=${GPU_MEM_GB:-80}
 if [[ -z "${NUM_GPUS:-}" ]]; then
@@ -24,11 +24,7 @@ args=(--config="$CONFIG" --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mes
 [[ -n "${WORKDIR:-}" ]] && args+=(--workdir="$WORKDIR")
 plan=(--dry_run --plan_devices="$NUM_GPUS" --plan_device_memory_gb="$GPU_MEM_GB")
 
-dry_run=0
-user_args=()
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then dry_run=1; else user_args+=("$a"); fi
-done
+split_args "$@"
 if (( dry_run )); then
   exec "$PYTHON" -m phds_jax.train "${args[@]}" "${user_args[@]}" "${plan[@]}"
 fi

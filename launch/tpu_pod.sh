@@ -19,16 +19,12 @@ if [[ "$WORKDIR" != gs://* ]]; then
   echo "tpu_pod.sh: WORKDIR=$WORKDIR must be gs://...: every worker writes the same checkpoints" >&2
   exit 2
 fi
-CONFIG=${CONFIG:-configs/olmoe.py}
 PIP_EXTRA=${PIP_EXTRA:-tpu}
 PYTHON=${PYTHON:-python3}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/common.sh"
 
-dry_run=0
-user_args=()
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then dry_run=1; else user_args+=("$a"); fi
-done
+split_args "$@"
 
 gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone="$ZONE")
