@@ -21,6 +21,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 from absl import app, flags
 
+from phds_jax.data.errors import DataError
+from phds_jax.hf import CheckpointError
+from phds_jax.models.config import ConfigError
+
 EXIT_USER_ERROR = 2
 
 
@@ -32,12 +36,9 @@ class UserError(Exception):
     self.fix = fix
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-  """Exception types reported as user errors (imported lazily so this module stays cheap to import)."""
-  from phds_jax.data.errors import DataError  # pylint: disable=g-import-not-at-top
-  from phds_jax.hf import CheckpointError  # pylint: disable=g-import-not-at-top
-  from phds_jax.models.config import ConfigError  # pylint: disable=g-import-not-at-top
-  return (UserError, DataError, CheckpointError, ConfigError, FileNotFoundError)
+# Reported as user errors: ours, and the errors a bad data file, checkpoint or model config raises.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataError, CheckpointError, ConfigError,
+                                                FileNotFoundError)
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
@@ -153,7 +154,7 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
       threading.excepthook = _concise_thread_error
     try:
       return main(args)
-    except user_error_types() as e:  # pylint: disable=catching-non-exception
+    except USER_ERRORS as e:
       _exit_user_error(e, argv)
 
   app.run(guarded, argv=argv, flags_parser=parse_flags)

@@ -8,6 +8,7 @@ Here a URL with a scheme stays a URL all the way to Orbax and Grain; `file://` U
 from __future__ import annotations
 
 import glob as glob_lib
+import hashlib
 import os
 import re
 
@@ -108,7 +109,6 @@ def staged(path: str, cache_dir: str | None = None) -> str:
   only when complete (a marker file is written last)."""
   if not is_remote(path):
     return normalize(path)
-  import hashlib  # pylint: disable=g-import-not-at-top
   root = epath.Path(cache_dir or os.path.expanduser("~/.cache/phds_jax/staged"))
   local = root / hashlib.sha1(path.encode()).hexdigest()[:16] / path.rstrip("/").rsplit("/", 1)[-1]
   done = epath.Path(str(local) + ".complete")

@@ -11,12 +11,20 @@ with uvicorn. SIGTERM / Ctrl-C: the port closes, in-flight requests finish, the 
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
 from pathlib import Path
 
+import uvicorn
 from absl import app, flags
+
+from phds_jax.data.tokenize import ChatTokenizer
+from phds_jax.eval import load_model
+from phds_jax.serve.app import KPolicy, create_app
+from phds_jax.serve.profile import load_profile
+from phds_jax.serve.scheduler import Scheduler
 
 FLAGS = flags.FLAGS
 
@@ -52,14 +60,6 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
 
 def serve(fv: flags.FlagValues = FLAGS) -> None:
   """Loads, warms up, serves until SIGTERM/SIGINT, drains. Returns normally after a graceful shutdown."""
-  import uvicorn  # pylint: disable=g-import-not-at-top
-
-  from phds_jax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top
-  from phds_jax.eval import load_model  # pylint: disable=g-import-not-at-top
-  from phds_jax.serve.app import KPolicy, create_app  # pylint: disable=g-import-not-at-top
-  from phds_jax.serve.profile import load_profile  # pylint: disable=g-import-not-at-top
-  from phds_jax.serve.scheduler import Scheduler  # pylint: disable=g-import-not-at-top
-
   root = Path(fv.checkpoint)
   try:  # every user error (missing files, bad profile, ks / default_k / profile that disagree) before compiling
     profile = load_profile(fv.profile) if fv.profile else None
@@ -100,7 +100,6 @@ def serve(fv: flags.FlagValues = FLAGS) -> None:
 
 def _eos_ids(root: Path, tokenizer) -> tuple[int, ...]:
   """EOS ids from the tokenizer config and generation_config.json (an id or a list of ids)."""
-  import json  # pylint: disable=g-import-not-at-top
   ids = {tokenizer.eos_id} - {None}
   gen = root / "generation_config.json"
   if gen.is_file():

@@ -25,7 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags, logging
+
+from phds_jax.eval import load_model
+from phds_jax.serve.engine import time_decode
 
 FLAGS = flags.FLAGS
 FORMAT_VERSION = 1
@@ -123,7 +128,6 @@ def pareto_optimal(points: Sequence[dict[str, Any]], higher_is_better: bool = Tr
 
 
 def machine_info() -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   return {"device_kind": devices[0].device_kind, "platform": jax.default_backend(), "device_count": len(devices),
           "jax_version": jax.__version__, "hostname": platform.node(), "cpu_count": os.cpu_count(),
@@ -131,7 +135,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _stats(ms: Any, batch_size: int) -> dict[str, float]:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   p50 = float(np.percentile(ms, 50))
   return {"p50_ms": round(p50, 4), "p99_ms": round(float(np.percentile(ms, 99)), 4),
           "tokens_per_s": round(batch_size * 1e3 / p50, 2)}
@@ -140,7 +143,6 @@ def _stats(ms: Any, batch_size: int) -> dict[str, float]:
 def measure(cfg: Any, params: Any, ks: Sequence[int], *, max_batch: int, context_len: int, new_tokens: int,
             repeats: int, steps_per_call: int = 1) -> list[dict[str, Any]]:
   """Per-token latency of each k at batch 1 and at `max_batch` (the server's decode step)."""
-  from phds_jax.serve.engine import time_decode  # pylint: disable=g-import-not-at-top
   points = []
   for k in ks:
     point: dict[str, Any] = {"k": k}
@@ -170,6 +172,8 @@ def build(cfg: Any, points: list[dict[str, Any]], *, checkpoint: str, dtype: str
 def plot(doc: dict[str, Any], path: str | os.PathLike) -> Path:
   """Per-token latency (batch 1, p50 with the p99 as an error bar) against accuracy, one labelled point per k;
   latency only (vs k) when no accuracy was joined."""
+  # Lazy: the server imports this module for `load_profile` at start-up and never plots; pyplot costs a
+  # noticeable part of a second and picks a backend, which only a plot should do.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -214,7 +218,6 @@ def plot(doc: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def run(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
   """Measures, joins and writes --out (and the plot); returns the pareto.json document."""
-  from phds_jax.eval import load_model  # pylint: disable=g-import-not-at-top
   accuracy = source = None
   if fv.eval_results:
     file = Path(fv.eval_results)
