@@ -190,11 +190,10 @@ def test_default_k_and_token_id_prompts(served, client, model):
 
 def test_streaming_matches_non_streaming(served, client):
   url, _ = served
-  whole = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0,
-                                    extra_body={"k": 1})
+  kw = dict(model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0, extra_body={"k": 1})
+  whole = client.completions.create(**kw)
   pieces, usage, ks, finish = [], None, set(), None
-  for chunk in client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0,
-                                         stream=True, stream_options={"include_usage": True}, extra_body={"k": 1}):
+  for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
     ks.add(chunk.model_extra["k"])
     usage = chunk.usage or usage
     for c in chunk.choices:
@@ -205,9 +204,9 @@ def test_streaming_matches_non_streaming(served, client):
   assert usage.completion_tokens == whole.usage.completion_tokens
 
   messages = [{"role": "user", "content": "Complete: The advantage of"}]
-  reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
-  chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                               stream=True))
+  chat_kw = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+  reply = client.chat.completions.create(**chat_kw)
+  chunks = list(client.chat.completions.create(**chat_kw, stream=True))
   assert chunks[0].choices[0].delta.role == "assistant"
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
   assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
@@ -410,15 +409,14 @@ def test_concurrent_clients_at_mixed_k(served, client):
   """MAX_QUEUE clients at once (3x the slots, k alternating): all answered, each equal to its request alone."""
   prompts = ["def add(a, b):", "class Queue:", "import os\n", "Return the number of", "The quick brown", "Raise"]
   jobs = [(p, 1 + i % 2) for i, p in enumerate(prompts[:MAX_QUEUE])]
-  alone = {job: client.completions.create(model=MODEL, prompt=job[0], max_tokens=16, temperature=0,
-                                          extra_body={"k": job[1]}).choices[0].text for job in jobs}
+  request = lambda job: dict(model=MODEL, prompt=job[0], max_tokens=16, temperature=0, extra_body={"k": job[1]})
+  alone = {job: client.completions.create(**request(job)).choices[0].text for job in jobs}
   results: dict = {}
   barrier = threading.Barrier(len(jobs))
 
   def worker(job):
     barrier.wait(WAIT_S)
-    raw = client.completions.with_raw_response.create(model=MODEL, prompt=job[0], max_tokens=16, temperature=0,
-                                                      extra_body={"k": job[1]})
+    raw = client.completions.with_raw_response.create(**request(job))
     results[job] = (raw.headers["x-phds-k"], raw.parse().choices[0].text)
 
   threads = [threading.Thread(target=worker, args=(job,)) for job in jobs]
