@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import NA, attempt, cell, failures, machine, median_ms, ratio
 from phds_jax import models
+from phds_jax.kernels import ROUTING_IMPLS
 from phds_jax.models.moe import MoeBlock
 
 PRESETS = {
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None):
                       help="gmm implementations (auto, tokamax, pallas, jax, ragged_dot); ragged_dot is dense "
                            "over experts on CPU (very slow there)")
   parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--routing-impl", default="jax", choices=("jax", "pallas"),
+  parser.add_argument("--routing-impl", default="jax", choices=ROUTING_IMPLS,
                       help="router/permutation kernels (pallas: Triton on GPU, the interpreter on CPU)")
   args = parser.parse_args(argv)
   preset = dict(PRESETS[args.preset])

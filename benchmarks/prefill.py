@@ -21,6 +21,7 @@ import numpy as np
 from benchmarks import hf_torch
 from benchmarks.common import NA, attempt, cell, failures, machine, median_ms, ratio
 from phds_jax import models
+from phds_jax.kernels import ROUTING_IMPLS
 from phds_jax.training import observe
 
 PRESETS = {
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--ks", type=int, nargs="+", help="top-k levels (default k_pre down to 1)")
   parser.add_argument("--gmm-impls", nargs="+", default=["auto"])
   parser.add_argument("--attention-impls", nargs="+", default=["auto"], choices=("auto", "xla", "cudnn"))
-  parser.add_argument("--routing-impl", default="jax", choices=("jax", "pallas"))
+  parser.add_argument("--routing-impl", default="jax", choices=ROUTING_IMPLS)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PyTorch column")
   args = parser.parse_args(argv)

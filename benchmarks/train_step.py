@@ -25,6 +25,7 @@ import optax
 from benchmarks import hf_torch
 from benchmarks.common import NA, attempt, cell, failures, machine, median_ms, ratio
 from phds_jax import models
+from phds_jax.kernels import ROUTING_IMPLS
 from phds_jax.models import router
 from phds_jax.training import memory, observe, step as step_lib
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None):
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--dtype", default="float32", help="compute dtype; master weights and AdamW stay fp32")
   parser.add_argument("--gmm-impls", nargs="+", default=["auto"], help="grouped-matmul impls to compare")
-  parser.add_argument("--routing-impl", default="jax", choices=("jax", "pallas"))
+  parser.add_argument("--routing-impl", default="jax", choices=ROUTING_IMPLS)
   parser.add_argument("--attention-impl", default="auto", choices=("auto", "xla", "cudnn"))
   parser.add_argument("--ks", type=int, nargs="+", help="top-k levels (default 1, k_pre/2, k_pre)")
   parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PyTorch column")
