@@ -190,3 +190,16 @@ def test_fallback_warns_once_per_reason(monkeypatch):
     kernels.gather_rows(x, idx, impl="pallas")
   with pytest.raises(NotImplementedError, match="gather_rows impl='pallas' is unavailable.*declined"):
     registry.dispatch("gather_rows", ("pallas",), x, idx)
+
+
+def test_package_init_only_re_exports():
+  """kernels/__init__.py holds imports and __all__, nothing else; every name it lists is importable."""
+  import ast
+  import inspect
+
+  tree = ast.parse(inspect.getsource(kernels))
+  body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body  # the docstring
+  for node in body:
+    is_all = isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
+    assert isinstance(node, ast.ImportFrom) or is_all, ast.dump(node)[:200]
+  assert all(hasattr(kernels, name) for name in kernels.__all__)
