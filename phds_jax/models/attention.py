@@ -177,7 +177,8 @@ def attend(q_BxTxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, mas
 
 
 class Attention(nn.Module):
-  """Multi-head attention block; `cache` is (k, v, mask over cache slots, write index) when decoding."""
+  """Multi-head attention block; `cache` is (cached keys, cached values, write index) when decoding (the mask
+  over cache slots comes in `mask_BxTxL`)."""
 
   cfg: ModelConfig
 
@@ -187,7 +188,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     h, g, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    # Projections stay flat ([B, T, H*K]) until after the norms and clipping that act on the whole row.
+    # Projections stay flat ([B, T, H*K]) through OLMoE's norm over the whole projection and the clipping.
     q_BxTxHK = Linear(h * hd, cfg, use_bias=cfg.qkv_bias, name="q_proj")(x_BxTxD)
     k_BxTxGK = Linear(g * hd, cfg, use_bias=cfg.qkv_bias, name="k_proj")(x_BxTxD)
     v_BxTxGK = Linear(g * hd, cfg, use_bias=cfg.qkv_bias, name="v_proj")(x_BxTxD)
