@@ -101,7 +101,7 @@ def as_config(config: Any = None, **overrides: Any) -> DataConfig:
 def _shard(cfg: DataConfig) -> tuple[int, int]:
   index, count = cfg.shard_index, cfg.shard_count
   if index is None or count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top  (only here: the data layer needs jax for nothing else)
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
   if not 0 <= index < count:

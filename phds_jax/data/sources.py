@@ -232,7 +232,7 @@ class ParquetSource(RecordSource):
 
   def _load(self):
     if self._table is None:
-      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (optional and slow: parquet only)
       with _OPEN_LOCK:
         try:
           if self._table is None:
@@ -258,7 +258,7 @@ class TfdsSource(RecordSource):
                fields: Mapping[str, str] | None = None, on_error: OnError = "raise", validate: bool = True,
                stats: DataStats | None = None):
     super().__init__(fmt=fmt, fields=fields, on_error=on_error, stats=stats)
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (optional, imports TF: tfds only)
     self.name = f"tfds:{name}/{split}"
     try:
       self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
