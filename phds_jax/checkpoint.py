@@ -47,6 +47,14 @@ def config_from_json(text: str) -> ModelConfig:
   return ModelConfig(**d)
 
 
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig of an export (its model_config.json; no array is read)."""
+  file = paths.as_epath(directory) / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} not found: not a phds_jax params checkpoint")
+  return config_from_json(file.read_text())
+
+
 def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Any, *,
                 overwrite: bool = False) -> epath.Path:
   """Saves `params` with Orbax and `cfg` as JSON beside it; blocks until the write is committed.
@@ -73,9 +81,7 @@ def load_params(directory: str | os.PathLike, dtype: Any = None, *,
   if step is not None:
     return None, _load_run_step(directory, int(step), dtype)
   root = paths.as_epath(directory)
-  if not (root / CONFIG_FILE).is_file():
-    raise FileNotFoundError(f"{root / CONFIG_FILE} not found: not a phds_jax params checkpoint")
-  cfg = config_from_json((root / CONFIG_FILE).read_text())
+  cfg = read_config(root)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with contextlib.closing(ocp.StandardCheckpointer()) as ckptr:
     meta = ckptr.metadata(root / PARAMS_DIR).item_metadata

@@ -158,7 +158,7 @@ def run_trained(config: ml_collections.ConfigDict, method: cfg_lib.Method, seed:
   # The validation score of each selected step (what a sweep over anchors compares; higher is better).
   sign = 1.0 if selection.SIGNALS[signal][1] else -1.0
   val_score = {r: sign * selection.score(vals[s], r, method.k_pre, sel_ks) for r, s in steps.items()}
-  model_cfg = params_ckpt.config_from_json(Path(result.orbax_dir, params_ckpt.CONFIG_FILE).read_text())
+  model_cfg = params_ckpt.read_config(result.orbax_dir)
   start = time.perf_counter()
   accuracy, eval_dirs = {}, {}
   for step in sorted(set(steps.values())):
