@@ -194,6 +194,27 @@ def test_bad_record_names_file_and_line(tmp_path, bad, reason):
     lazy[1]
 
 
+def test_raw_records_and_exact_text_are_what_evaluation_reads(tmp_path):
+  """fmt="raw" hands each record over as plain Python (a task's own schema, unchecked), text_unit="exact" a .txt
+  file byte for byte named by the file alone; a bad line is named as in training."""
+  from phds_jax.evaluation import records  # pylint: disable=g-import-not-at-top  (the reader built on these)
+  p = _write_jsonl(tmp_path / "mc.jsonl", [{"context": "c", "choices": ["a", "b"], "gold": 1}, "", {"x": [1]}])
+  src = D.open_source(p, fmt="raw", validate=False)
+  assert len(src) == 2 and src[1] == {"x": [1], "_id": f"{p}:3"}
+  assert records.read_file(p, limit=1) == [(f"{p}:1", {"context": "c", "choices": ["a", "b"], "gold": 1})]
+  (tmp_path / "doc.txt").write_text("\nfirst line\n\n")
+  exact = D.open_source(str(tmp_path / "doc.txt"), fmt="raw", text_unit="exact")
+  assert len(exact) == 1 and exact[0] == {"text": "\nfirst line\n\n", "_id": str(tmp_path / "doc.txt")}
+  bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": CHAT}, "{oops"])
+  with pytest.raises(D.DataError, match=r"bad\.jsonl:2: invalid JSON") as trained:
+    D.JsonlSource(bad)
+  with pytest.raises(records.EvalDataError, match=r"bad\.jsonl:2: invalid JSON") as evaluated:
+    records.read_file(bad)
+  assert str(trained.value) == str(evaluated.value) and isinstance(evaluated.value, D.DataError)
+  with pytest.raises(ValueError, match="format='raw'"):
+    D.DataConfig(path=p, format="raw")  # a source format only, not a training one
+
+
 def test_empty_files_and_parquet_rows(tmp_path):
   (tmp_path / "e.jsonl").write_text("\n  \n")
   with pytest.raises(D.DataError, match=r"e\.jsonl: empty"):
