@@ -35,6 +35,11 @@ def eval_ks(ks: Sequence[int] | None, k_pre: int, num_experts: int) -> list[int]
   return sorted(ks)
 
 
+def reference_k(k_pre: int, ks: Sequence[int]) -> int:
+  """The k other ks are compared with (relative drop, agreement): k_pre when evaluated, else the largest k."""
+  return k_pre if k_pre in ks else max(ks)
+
+
 @dataclasses.dataclass(frozen=True)
 class KPlan:
   """The k facts of one training run (see the module docstring); build it with `for_training`.

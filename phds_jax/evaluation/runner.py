@@ -20,6 +20,7 @@ import numpy as np
 import tokenizers
 from tqdm.auto import tqdm
 
+from phds_jax import kplan
 from phds_jax.evaluation import metrics as M
 from phds_jax.evaluation import report
 from phds_jax.evaluation.encoding import TextEncoder
@@ -169,13 +170,6 @@ def _average(summary_tasks: dict, ks: list[int], k_ref: int) -> dict:
           "agreement": {"ks": ks, "matrix": matrix.tolist()}}
 
 
-def _check_ks(ks: Sequence[int] | None, cfg: ModelConfig) -> list[int]:
-  ks = list(range(1, cfg.k_pre + 1)) if ks is None else [int(k) for k in ks]
-  if not ks or len(set(ks)) != len(ks) or any(not 1 <= k <= cfg.num_experts for k in ks):
-    raise ValueError(f"ks={ks} must be distinct and within [1, num_experts={cfg.num_experts}]")
-  return sorted(ks)
-
-
 def evaluate(cfg: ModelConfig, params: Any, tokenizer: tokenizers.Tokenizer | TextEncoder,
              tasks: Sequence[str | Task], ks: Sequence[int] | None = None, *, limit: int | None = None,
              batch_size: int = 8, max_length: int | None = None, min_bucket: int = 16, data_dir: str | None = None,
@@ -194,8 +188,8 @@ def evaluate(cfg: ModelConfig, params: Any, tokenizer: tokenizers.Tokenizer | Te
   finished so far are still written to `out_dir` (results.json's meta names the task that failed) and the
   error is re-raised.
   """
-  ks = _check_ks(ks, cfg)
-  k_ref = cfg.k_pre if cfg.k_pre in ks else max(ks)
+  ks = kplan.eval_ks(ks, cfg.k_pre, cfg.num_experts)
+  k_ref = kplan.reference_k(cfg.k_pre, ks)
   task_list = get_tasks(tasks)
   if isinstance(tokenizer, TextEncoder):
     if prefix_token_id is not None:

@@ -20,6 +20,11 @@ import os
 
 import ml_collections
 
+from phds_jax import kplan
+from phds_jax.evaluation import tasks as task_lib
+from phds_jax.experiments import selection
+from phds_jax.hf.config import k_pre_of
+
 METHODS = ("base", "naive", "oracle", "oracle_k", "phds_uniform", "phds_curriculum")
 RULES = ("best_at_kpre", "mean_over_k")
 SIGNALS = ("mc", "loss")
@@ -54,7 +59,9 @@ def checkpoint_k_pre(path: str) -> int:
   file = os.path.join(path, "config.json")
   _need(os.path.isfile(file), f"{path!r} has no config.json: not an HF checkpoint directory")
   with open(file) as f:
-    return int(json.load(f)["num_experts_per_tok"])
+    k_pre = k_pre_of(json.load(f))
+  _need(k_pre is not None, f"{file} has no num_experts_per_tok: not an MoE checkpoint?")
+  return int(k_pre)
 
 
 def tasks(config: ml_collections.ConfigDict) -> list[str]:
@@ -77,7 +84,7 @@ def rules(config: ml_collections.ConfigDict) -> list[str]:
 
 def eval_ks(config: ml_collections.ConfigDict, k_pre: int) -> list[int]:
   """The k every checkpoint is evaluated at: `eval.ks`, default 1..k_pre of the main base."""
-  return sorted(config.eval.ks) if config.eval.get("ks") else list(range(1, k_pre + 1))
+  return sorted(config.eval.ks) if config.eval.get("ks") else kplan.default_ks(k_pre)
 
 
 def validate(config: ml_collections.ConfigDict) -> int:
@@ -91,15 +98,14 @@ def validate(config: ml_collections.ConfigDict) -> int:
   k_pre = checkpoint_k_pre(config.base)
   k_train = list(config.k_train)
   _need(len(k_train) > 0, "k_train is empty")
-  bad = [k for k in k_train if not 1 <= k <= k_pre]
+  bad = kplan.ks_outside(k_train, k_pre)
   _need(not bad, f"k_train {tuple(k_train)} is not a subset of [1, k_pre={k_pre}] (bad: {bad})")
-  _need(1 <= config.naive_k <= k_pre, f"naive_k={config.naive_k} is outside [1, k_pre={k_pre}]")
+  _need(not kplan.ks_outside([config.naive_k], k_pre), f"naive_k={config.naive_k} is outside [1, k_pre={k_pre}]")
   if "phds_curriculum" in config.methods:
     for a in anchors(config):
       _need(min(k_train) <= a <= max(k_train), f"anchor {a} is outside K_train's range [{min(k_train)}, {max(k_train)}]")
   test = tasks(config)
   _need(len(test) > 0, "eval.tasks is empty: give at least one test task (MC, ppl: or triviaqa)")
-  from phds_jax.evaluation import tasks as task_lib  # pylint: disable=g-import-not-at-top
   try:
     kinds = [t.kind for t in task_lib.get_tasks(test)]
   except ValueError as e:
@@ -111,7 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> int:
       k = checkpoint_k_pre(path)
       _need(1 <= k < k_pre, f"oracle base {path!r} was pretrained at k={k}; it must be in [1, k_pre={k_pre})")
   ks = eval_ks(config, k_pre)
-  _need(all(1 <= k <= k_pre for k in ks), f"eval.ks {ks} must lie in [1, k_pre={k_pre}]")
+  _need(not kplan.ks_outside(ks, k_pre), f"eval.ks {ks} must lie in [1, k_pre={k_pre}]")
   s = config.select
   _need(int(s.burn_in_steps) >= 0, f"select.burn_in_steps={s.burn_in_steps} must be a step count >= 0")
   _need(s.signal in SIGNALS, f"select.signal={s.signal!r} is not one of {SIGNALS}")
@@ -120,7 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> int:
   _need(s.primary in rules(config), f"select.primary={s.primary!r} is not one of {tuple(rules(config))}")
   _need(float(config.report.get("margin", 0.02)) > 0, "report.margin (the equivalence margin) must be > 0")
   sel_ks = list(s.ks) or k_train
-  _need(all(1 <= k <= k_pre for k in sel_ks), f"select.ks {sel_ks} must lie in [1, k_pre={k_pre}]")
+  _need(not kplan.ks_outside(sel_ks, k_pre), f"select.ks {sel_ks} must lie in [1, k_pre={k_pre}]")
   for pair in config.report.pairs:
     _need(len(pair) == 2 and 1 <= pair[0] < pair[1] <= k_pre,
           f"agreement pair {tuple(pair)} must be (k1, k2) with 1 <= k1 < k2 <= k_pre={k_pre}")
@@ -168,7 +174,7 @@ def train_config(config: ml_collections.ConfigDict, method: Method, seed: int) -
   c.tokenizer_dir = c.get("tokenizer_dir") or method.init_path
   c.schedule.update(method.schedule)
   every = c.checkpoint.every_steps
-  c.eval.update(dict(every_steps=every, ks=tuple(range(1, method.k_pre + 1))))
+  c.eval.update(dict(every_steps=every, ks=tuple(kplan.default_ks(method.k_pre))))
   s = config.select
   log_ks = sorted({k for r in rules(config) for k in _rule_ks(r, method.k_pre, list(s.ks) or list(config.k_train))})
   c.select.update(dict(signal=s.signal, task=s.get("task", ""), limit=s.get("limit", 0),
@@ -181,5 +187,4 @@ def train_config(config: ml_collections.ConfigDict, method: Method, seed: int) -
 
 
 def _rule_ks(rule: str, k_pre: int, ks: list[int]) -> list[int]:
-  from phds_jax.experiments import selection  # pylint: disable=g-import-not-at-top
   return selection.rule_ks(rule, k_pre, ks)

@@ -21,7 +21,7 @@ def _style(method: str) -> tuple[str, str, str]:
 
 
 def _plt():
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top  (lazy: slow to import, only plotting needs it)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt

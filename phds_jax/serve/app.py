@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from phds_jax import kplan
 from phds_jax.data import chat
 from phds_jax.data.tokenize import ChatTokenizer
 from phds_jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
@@ -66,8 +67,7 @@ class KPolicy:
   profile: Mapping[int, float] | None = None
 
   def __post_init__(self):
-    bad = [k for k in self.ks if not 1 <= k <= self.k_pre]
-    if not self.ks or bad:
+    if not self.ks or kplan.ks_outside(self.ks, self.k_pre):
       raise ValueError(f"offered ks {list(self.ks)} must be non-empty and within [1, k_pre={self.k_pre}]")
     if self.default_k not in self.ks:
       raise ValueError(f"default_k {self.default_k} is not among the offered ks {list(self.ks)}")

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from phds_jax import sharding
+from phds_jax import models, sharding
 from phds_jax.models.config import ModelConfig
 
 __all__ = ["MemoryEstimate", "param_shapes", "shard_bytes", "state_bytes_per_device"]
@@ -56,8 +56,6 @@ class MemoryEstimate:
 
 def param_shapes(cfg: ModelConfig) -> Any:
   """The parameter tree as ShapeDtypeStructs (traced abstractly: no memory, no device)."""
-  from phds_jax import models  # models imports kernels; keep this module light to import
-
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
   return jax.eval_shape(lambda t: models.build(cfg).init(jax.random.PRNGKey(0), t)["params"], tokens)
 

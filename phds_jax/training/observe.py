@@ -55,7 +55,8 @@ class RunLog:
       self.lines = _truncate_after(self.path, start_step)
     self.writer = None
     if enabled and tensorboard and not self.remote:
-      from tensorboardX import SummaryWriter  # maintained, TensorFlow-free event writer
+      # Lazy: only a run that writes events pays for the import (maintained, TensorFlow-free event writer).
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
                          desc="train", unit="step")
@@ -130,9 +131,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def plot_run(workdir: str, k_hist: dict[int, int], eval_by_k: dict[int, float] | None = None) -> list[str]:
   """loss_per_k.png (training loss by the step's k), k_histogram.png, heldout_loss_vs_k.png."""
-  import matplotlib
+  import matplotlib  # pylint: disable=g-import-not-at-top  (lazy: slow to import, only the end of a run plots)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   records = [r for r in read_metrics(workdir) if "loss" in r and "k" in r]
   paths = []

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from phds_jax import models, sharding
+from phds_jax import sharding
 from phds_jax.checkpoint import CONFIG_FILE, config_from_json
 from phds_jax.hf.config import config_from_hf
 from phds_jax.models.config import ModelConfig
@@ -126,7 +126,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def param_shapes(cfg: ModelConfig) -> Any:
   """ShapeDtypeStructs of the parameter tree in param_dtype, traced without allocating anything."""
-  shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  shapes = memory.param_shapes(cfg)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(cfg.param_dtype)), shapes)
 
 
