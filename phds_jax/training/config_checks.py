@@ -185,6 +185,11 @@ def batch_error(batch_size: int, microbatches: int, num_devices: int) -> str | N
   return None
 
 
+def host_batch(batch_size: int) -> int:
+  """Rows of each global batch this process reads (whole rows per device: `batch_error` is None)."""
+  return batch_size // jax.process_count()
+
+
 def validate_select(config: ml_collections.ConfigDict) -> None:
   """select.*: the checkpoint-selection protocol (training/protocol.py runs it)."""
   sel = config.select

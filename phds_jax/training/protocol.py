@@ -21,13 +21,12 @@ import logging
 import math
 from typing import Any
 
-import jax
 import ml_collections
 
 from phds_jax import data as data_lib
 from phds_jax import evaluation, paths
 from phds_jax.training import schedule
-from phds_jax.training.config_checks import TrainConfigError, validate_select
+from phds_jax.training.config_checks import TrainConfigError, host_batch, validate_select
 
 SELECTION_FILE = "selection.json"
 
@@ -44,7 +43,7 @@ def count_packed_rows(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
   """Rows of one pass over the whole training split after tokenization and packing (every host counts all of
   it, unshuffled, so each derives the same step counts), packed with as many bins as the trainer packs with
   (a host's batch): fewer bins fill rows less tightly (8% more rows with one bin on the toy data)."""
-  bins = config.data.get("pack_bins") or max(1, config.batch_size // jax.process_count())
+  bins = config.data.get("pack_bins") or max(1, host_batch(config.batch_size))
   cfg = data_lib.as_config(config.data, batch_size=1, part="train", num_epochs=1, shuffle=False, shard_index=0,
                            shard_count=1, pack_bins=bins)
   return sum(1 for _ in data_lib.make_dataset(cfg, tokenizer))

@@ -25,7 +25,7 @@ from phds_jax import data as data_lib
 from phds_jax import hf, kplan, models, paths, sharding
 from phds_jax.training import optimizer, protocol, resume, schedule
 from phds_jax.training.checkpointing import RunCheckpointer
-from phds_jax.training.config_checks import TrainConfigError, validate_config
+from phds_jax.training.config_checks import TrainConfigError, host_batch, validate_config
 
 
 @dataclasses.dataclass
@@ -77,14 +77,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, plan: kplan.KPlan, c
   sched = schedule.from_config(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   microbatches = config.microbatches
-  host_batch = config.batch_size // jax.process_count()
+  rows = host_batch(config.batch_size)
   check_overlong(local, tokenizer)
   stats = data_lib.DataStats()
-  train_iter = data_lib.make_dataset(data_config(local, host_batch, "train", num_epochs=None, seed=config.seed),
+  train_iter = data_lib.make_dataset(data_config(local, rows, "train", num_epochs=None, seed=config.seed),
                                      tokenizer, stats=stats)
   heldout = []
   if config.data.get("validation_fraction", 0) > 0 and config.eval.batches > 0:
-    val_iter = data_lib.make_dataset(data_config(local, host_batch // microbatches, "validation",
+    val_iter = data_lib.make_dataset(data_config(local, rows // microbatches, "validation",
                                                  num_epochs=1, shuffle=False), tokenizer, stats=stats)
     heldout = [b for _, b in zip(range(config.eval.batches), val_iter)]
 
@@ -126,8 +126,9 @@ def load_init(config: ml_collections.ConfigDict, rng: jax.Array) -> tuple[models
   return cfg, params
 
 
-def data_config(config, host_batch: int, part: str, **overrides) -> data_lib.DataConfig:
-  return data_lib.as_config(config.data, batch_size=host_batch, part=part, **overrides)
+def data_config(config, rows: int, part: str, **overrides) -> data_lib.DataConfig:
+  """The data pipeline's config for `part`, reading `rows` rows per batch on this host."""
+  return data_lib.as_config(config.data, batch_size=rows, part=part, **overrides)
 
 
 def open_workdir(workdir: str) -> str:
