@@ -7,11 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import compare_demo
+from configs import compare_demo, demo
+from phds_jax import checkpoint as params_ckpt
 from phds_jax import hf, models, paths
 from phds_jax.experiments import aggregate as agg
+from phds_jax.experiments import compare
 from phds_jax.experiments import config as cfg_lib
-from phds_jax.experiments import report, selection
+from phds_jax.experiments import report, runs, selection
+from phds_jax.training import protocol
+from phds_jax.training.loop import train_and_evaluate
 
 ASSETS = paths.ASSETS_DIR
 
@@ -318,7 +322,6 @@ def test_driver_smoke(tmp_path):
   """A tiny random base, 2 SFT steps, an MC and a perplexity test task at k in {2, 4}, selection on validation
   MC items, a sweep over two anchors: the driver runs, skips done runs on a re-run, and writes its report (the
   oracle-pair logic is covered by the synthetic tests above)."""
-  from phds_jax.experiments import compare  # pylint: disable=g-import-not-at-top
   cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=16, num_heads=2, num_kv_heads=2, head_dim=8,
                     moe_ffn=8, num_layers=1, max_position_embeddings=256)
   base = str(hf.save(tmp_path / "base", cfg, models.init_params(cfg, jax.random.PRNGKey(0)),
@@ -385,8 +388,6 @@ def test_heldout_table_reads_the_selected_steps():
 def test_trainer_selector_burn_in_ties_and_resume():
   """training/protocol.Selector: scored only after the burn-in (and always at the last step), higher wins,
   ties keep the earlier step, and a resume carries the best forward."""
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top
   c = demo.get_config()
   c.num_steps, c.eval.every_steps = 40, 10
   c.select.update(dict(signal="loss", rule="mean_over_k", burn_in_steps=20))
@@ -410,10 +411,6 @@ def test_trainer_selector_burn_in_ties_and_resume():
 def test_trainer_exports_the_selected_step(tmp_path):
   """select.export='selected': the trainer scores validation MC items after the burn-in, keeps the best step's
   checkpoint, and exports that step's weights (not the last step's) with selection.json saying so."""
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from phds_jax import checkpoint as params_ckpt  # pylint: disable=g-import-not-at-top
-  from phds_jax.experiments import runs  # pylint: disable=g-import-not-at-top
-  from phds_jax.training.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   cfg = models.tiny("olmoe", vocab_size=2048, hidden_size=16, num_heads=2, num_kv_heads=2, head_dim=8,
                     moe_ffn=8, num_layers=1, max_position_embeddings=256)
   base = str(hf.save(tmp_path / "base", cfg, models.init_params(cfg, jax.random.PRNGKey(0)),

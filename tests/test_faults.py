@@ -27,6 +27,7 @@ from configs import demo
 from tests.conftest import override
 from phds_jax import cli, hf, models, paths
 from phds_jax import data as data_lib
+from phds_jax.experiments import runs
 from phds_jax.training import loop, observe, resume, run as run_lib, step as step_lib
 from phds_jax.training.checkpointing import ResumeError, RunCheckpointer
 from phds_jax.training.config_checks import TrainConfigError, validate_config
@@ -55,8 +56,7 @@ def step_dirs(workdir: str) -> list[int]:
 
 
 def restore_params(workdir: str, step: int):
-  from phds_jax.experiments.runs import restore_params as restore  # pylint: disable=g-import-not-at-top
-  return restore(os.path.join(workdir, "checkpoints"), step)
+  return runs.restore_params(os.path.join(workdir, "checkpoints"), step)
 
 
 def largest_state_file(step_dir: str) -> str:

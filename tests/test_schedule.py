@@ -1,9 +1,13 @@
 """The k curriculum: distributions, determinism, validation."""
 
+import jax
 import numpy as np
 import pytest
 
-from phds_jax.training import schedule
+from configs import demo
+from phds_jax import data as data_lib
+from phds_jax.models import router
+from phds_jax.training import protocol, schedule
 
 
 def test_uniform_is_uniform_and_deterministic():
@@ -96,9 +100,6 @@ def test_switch_point_in_steps_epochs_or_fraction():
 
 
 def test_resolve_units_counts_the_packed_epoch_and_states_the_derivation():
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  from phds_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from phds_jax.training import protocol  # pylint: disable=g-import-not-at-top
   c = demo.get_config()
   c.num_epochs = 2
   c.schedule.update(dict(switch_at=1.5, switch_unit="epochs", ramp=4, ramp_unit="steps"))
@@ -129,8 +130,6 @@ def test_resolve_units_counts_the_packed_epoch_and_states_the_derivation():
 def test_lb_loss_normalisation_by_k_or_hf_form():
   """Ours divides by k, so a perfectly balanced router scores 1 at every k (a k curriculum does not rescale
   the aux loss); 'hf' is transformers' OLMoE/Qwen form, k times larger."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from phds_jax.models import router  # pylint: disable=g-import-not-at-top
   logits = jax.random.normal(jax.random.PRNGKey(0), (64, 8))
   for k in (1, 3):
     ours = router.route(logits, k=k, k_pre=4, mode="soft").lb_loss
