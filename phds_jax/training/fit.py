@@ -72,20 +72,25 @@ def write_data_stats(workdir: str, stats: data_lib.DataStats, start_step: int, s
   paths.write_text(paths.join(workdir, "data_stats.json"), json.dumps(info, indent=1) + "\n")
 
 
-def fit(run: Run) -> Fitted:
-  """Runs the steps of `run` (under its mesh: call inside `jax.set_mesh(run.mesh)`)."""
-  config, ckpt, plan, sched = run.config, run.checkpointer, run.plan, run.schedule
-  microbatches = config.microbatches
-  state, state_shardings = step_lib.sharded_init_state(run.init_params, run.tx, run.mesh)
-  run.init_params = None  # the state holds the weights now
-  batch_sharding = sharding.batch_sharding(run.mesh, leading_unsharded=1)
-  eval_sharding = sharding.batch_sharding(run.mesh)
-  heldout = [{k: jax.make_array_from_process_local_data(eval_sharding, v) for k, v in b.items()}
-             for b in run.heldout]
+@dataclasses.dataclass
+class _Start:
+  """Where this start begins: the (restored) state and its shardings, the step, the checkpoint metadata."""
 
-  # The config travels with every checkpoint; the schedule needs no state beyond the step (k is a pure
-  # function of seed and step), so step + config restore it exactly.
-  selector = protocol.Selector(config, run.model_cfg, run.tokenizer.tokenizer, sched.k_train)
+  state: step_lib.TrainState
+  shardings: Any
+  step: int
+  meta: dict[str, Any]
+  changes: dict[str, tuple[Any, Any]]  # config changes accepted for this resume ({} for a fresh start)
+
+
+def _start(run: Run, selector: protocol.Selector) -> _Start:
+  """The initial state on the mesh, replaced by the newest good checkpoint when the workdir has one.
+
+  The config travels with every checkpoint; the schedule needs no state beyond the step (k is a pure function
+  of seed and step), so step + config restore it exactly."""
+  config, ckpt = run.config, run.checkpointer
+  state, shardings = step_lib.sharded_init_state(run.init_params, run.tx, run.mesh)
+  run.init_params = None  # the state holds the weights now
   meta = {"k_histogram": {}}
   start, saved_meta, changes = 0, run.saved_meta, run.changes
   if ckpt.all_steps():
@@ -103,18 +108,56 @@ def fit(run: Run) -> Fitted:
         config.optimizer.get("final_lr_fraction", 0.0))
     logging.warning("num_steps %s -> %s: the lr at step %d goes from %.3g to %.3g (schedule of the new length)",
                     *changes["num_steps"], start, float(old_tx_lr(start)), float(run.lr_schedule(start)))
-  train_step = jax.jit(
-      step_lib.make_train_step(run.model_cfg, plan.levels, run.tx, mode=plan.router_mode,
-                               lb_coef=config.loss.lb_coef, z_coef=config.loss.z_coef),
+  return _Start(state, shardings, start, meta, changes)
+
+
+def _compiled_step(run: Run, state_shardings: Any, batch_sharding: Any):
+  """The train step with a branch per level of the plan, jitted with the state donated."""
+  return jax.jit(
+      step_lib.make_train_step(run.model_cfg, run.plan.levels, run.tx, mode=run.plan.router_mode,
+                               lb_coef=run.config.loss.lb_coef, z_coef=run.config.loss.z_coef),
       in_shardings=(state_shardings, batch_sharding, None), out_shardings=(state_shardings, None),
       donate_argnums=(0,))
+
+
+def _step_record(step: int, metrics: dict[str, Any], ks: list[int], lr: float) -> dict[str, Any]:
+  """The metrics.jsonl record of one step (before held-out and selection fields)."""
+  tokens_m = np.asarray(metrics["tokens_M"])
+  return dict(step=step + 1, loss=float(metrics["loss"]), lr=lr, grad_norm=float(metrics["grad_norm"]),
+              lb_loss=float(metrics["lb_loss"]), z_loss=float(metrics["z_loss"]), k_M=ks,
+              loss_M=[float(x) for x in np.asarray(metrics["nll_sum_M"]) / np.maximum(tokens_m, 1)])
+
+
+def _diverged(record: dict[str, Any], ks: list[int], in_a_row: int, ckpt) -> TrainingDiverged:
+  good = ckpt.latest_step() or "none yet"
+  return TrainingDiverged(
+      f"loss is {record['loss']} (grad_norm {record['grad_norm']}) at step {record['step']} (k={ks}): {in_a_row} "
+      f"non-finite step(s) in a row, none applied; stopped without saving. The last good checkpoint is step "
+      f"{good} in {ckpt.directory}.",
+      fix="lower optimizer.lr or raise optimizer.clip / check the data; re-running resumes from it "
+          "(with --config.resume.allow_changes=optimizer.lr for a new lr), or raise "
+          "max_nonfinite_in_a_row to skip more such steps")
+
+
+def fit(run: Run) -> Fitted:
+  """Runs the steps of `run` (under its mesh: call inside `jax.set_mesh(run.mesh)`)."""
+  config, ckpt, plan, sched = run.config, run.checkpointer, run.plan, run.schedule
+  microbatches = config.microbatches
+  selector = protocol.Selector(config, run.model_cfg, run.tokenizer.tokenizer, sched.k_train)
+  begin = _start(run, selector)
+  state, meta, start = begin.state, begin.meta, begin.step
+  batch_sharding = sharding.batch_sharding(run.mesh, leading_unsharded=1)
+  eval_sharding = sharding.batch_sharding(run.mesh)
+  heldout = [{k: jax.make_array_from_process_local_data(eval_sharding, v) for k, v in b.items()}
+             for b in run.heldout]
+  train_step = _compiled_step(run, begin.shardings, batch_sharding)
   eval_fn = step_lib.make_eval_fn(run.model_cfg)
   k_hist = {int(k): int(v) for k, v in meta.get("k_histogram", {}).items()}
   flops_tok = observe.train_flops_per_token(run.model_cfg, config.data.max_len, plan.max_slots)
   peak = observe.peak_tflops(config.get("peak_tflops", 0.0))
   log = observe.RunLog(run.workdir, config.num_steps, start, enabled=run.is_main)
   if run.is_main:
-    resume.append_history(run.workdir, config, start, changes)
+    resume.append_history(run.workdir, config, start, begin.changes)
     if not paths.exists(paths.join(run.workdir, "run_info.json")):
       _write_run_info(run)
   last_saved, in_a_row = start, 0
@@ -126,19 +169,15 @@ def fit(run: Run) -> Fitted:
       ks = [sched.levels[i] for i in idx]
       state, metrics = train_step(state, batch, jnp.asarray(idx))
       metrics = jax.device_get(metrics)
-      loss = float(metrics["loss"])
       applied = bool(metrics["applied"])
       in_a_row = 0 if applied else in_a_row + 1
       for k in ks:
         k_hist[k] = k_hist.get(k, 0) + 1
-      tokens_m = np.asarray(metrics["tokens_M"])
-      record = dict(step=step + 1, loss=loss, lr=float(run.lr_schedule(step)), grad_norm=float(metrics["grad_norm"]),
-                    lb_loss=float(metrics["lb_loss"]), z_loss=float(metrics["z_loss"]), k_M=ks,
-                    loss_M=[float(x) for x in np.asarray(metrics["nll_sum_M"]) / np.maximum(tokens_m, 1)])
+      record = _step_record(step, metrics, ks, float(run.lr_schedule(step)))
       if not applied:
         record.update(skipped=True, skipped_total=int(state.skipped))
         logging.warning("step %d (k=%s): loss %s, grad_norm %s: non-finite, update skipped (%d in a row, "
-                        "limit %d)", step + 1, ks, loss, record["grad_norm"], in_a_row, max_in_a_row)
+                        "limit %d)", step + 1, ks, record["loss"], record["grad_norm"], in_a_row, max_in_a_row)
       done = step + 1
       val = None
       if heldout and (done % config.eval.every_steps == 0 or done == config.num_steps):
@@ -150,17 +189,11 @@ def fit(run: Run) -> Fitted:
         fields = selector.score(state.params, val)
         record.update(fields)
         best = selector.update(done, fields)
+      tokens_m = np.asarray(metrics["tokens_M"])
       log.step(record, ks, np.asarray(metrics["nll_sum_M"]), tokens_m, float(tokens_m.sum()), flops_tok, peak)
       if in_a_row >= max_in_a_row:
         ckpt.finish()
-        good = ckpt.latest_step() or "none yet"
-        raise TrainingDiverged(
-            f"loss is {loss} (grad_norm {record['grad_norm']}) at step {done} (k={ks}): {in_a_row} non-finite "
-            f"step(s) in a row, none applied; stopped without saving. The last good checkpoint is step {good} "
-            f"in {ckpt.directory}.",
-            fix="lower optimizer.lr or raise optimizer.clip / check the data; re-running resumes from it "
-                "(with --config.resume.allow_changes=optimizer.lr for a new lr), or raise "
-                "max_nonfinite_in_a_row to skip more such steps")
+        raise _diverged(record, ks, in_a_row, ckpt)
       if done % config.checkpoint.every_steps == 0 or done == config.num_steps or best:
         meta.update(selector.meta(), best_step=selector.best_step)  # the selected step is always kept
         meta["k_histogram"] = {str(k): v for k, v in k_hist.items()}
