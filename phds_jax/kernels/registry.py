@@ -93,21 +93,21 @@ def _weighted_combine_kernel(ys_NxD, inverse_TxS, weights_TxS, out_dtype):
                                  interpret=target_platform() == "cpu")
 
 
-_GMM = Op("grouped-matmul", {
-    "tokamax": Impl(lambda x, w, gs, tm, pet: gmm_tokamax(x, w, gs, preferred_element_type=pet)),
-    # CPU runs the interpreter: correct but slow, so it is never in a CPU "auto" order (tuning.py).
-    "pallas": Impl(lambda x, w, gs, tm, pet: gmm_pallas(x, w, gs, tile_m=tm, preferred_element_type=pet)),
-    "jax": Impl(lambda x, w, gs, tm, pet: gmm_tiled(x, w, gs, tile_m=tm, preferred_element_type=pet)),
-    "ragged_dot": Impl(lambda x, w, gs, tm, pet: gmm_ragged_dot(x, w, gs, preferred_element_type=pet)),
-    "dense": Impl(lambda x, w, gs, tm, pet: gmm_dense(x, w, gs, preferred_element_type=pet)),
-}, auto=_gmm_auto)
-_TGMM = Op("grouped-matmul", {
-    "tokamax": Impl(lambda x, d, gs, tm, pet: tgmm_tokamax(x, d, gs, preferred_element_type=pet)),
-    "pallas": Impl(lambda x, d, gs, tm, pet: tgmm_pallas(x, d, gs, tile_m=tm, preferred_element_type=pet)),
-    "jax": Impl(lambda x, d, gs, tm, pet: tgmm_tiled(x, d, gs, tile_m=tm, preferred_element_type=pet)),
-    "ragged_dot": Impl(lambda x, d, gs, tm, pet: tgmm_ragged_dot(x, d, gs, preferred_element_type=pet)),
-    "dense": Impl(lambda x, d, gs, tm, pet: tgmm_dense(x, d, gs, preferred_element_type=pet)),
-}, auto=_gmm_auto)
+def _grouped_matmul_op(tokamax: Callable, pallas: Callable, tiled: Callable, ragged_dot: Callable,
+                       dense: Callable) -> Op:
+  """gmm and tgmm share one table shape: (lhs, rhs, group_sizes, tile_m, preferred_element_type) -> array."""
+  return Op("grouped-matmul", {
+      "tokamax": Impl(lambda x, y, gs, tm, pet: tokamax(x, y, gs, preferred_element_type=pet)),
+      # CPU runs the interpreter: correct but slow, so it is never in a CPU "auto" order (tuning.py).
+      "pallas": Impl(lambda x, y, gs, tm, pet: pallas(x, y, gs, tile_m=tm, preferred_element_type=pet)),
+      "jax": Impl(lambda x, y, gs, tm, pet: tiled(x, y, gs, tile_m=tm, preferred_element_type=pet)),
+      "ragged_dot": Impl(lambda x, y, gs, tm, pet: ragged_dot(x, y, gs, preferred_element_type=pet)),
+      "dense": Impl(lambda x, y, gs, tm, pet: dense(x, y, gs, preferred_element_type=pet)),
+  }, auto=_gmm_auto)
+
+
+_GMM = _grouped_matmul_op(gmm_tokamax, gmm_pallas, gmm_tiled, gmm_ragged_dot, gmm_dense)
+_TGMM = _grouped_matmul_op(tgmm_tokamax, tgmm_pallas, tgmm_tiled, tgmm_ragged_dot, tgmm_dense)
 
 # Routing: gather_rows (x[R,D], idx[N]); weighted_combine (ys[N,D], inverse[T,S], weights[T,S], out_dtype);
 # route (logits[T,E], token_mask[T], k, slots, eps, norm_topk_prob). "pallas" falls back to the twin.
