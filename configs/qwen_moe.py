@@ -6,7 +6,7 @@
 One epoch of the packed data, derived and printed at start; tags as in docs/method.md.
 """
 
-from configs.base import base_config, tiny_overrides
+from configs.base import base_config, public_model_sft, tiny_public_model
 
 
 def get_config(arg: str | None = None):
@@ -17,26 +17,7 @@ def get_config(arg: str | None = None):
   c.schedule.k_train = (2, 3, 4)  # (inferred) k_pre = 4 -> {2, 3, 4}, as the internal k_pre = 4 model (summary)
   c.schedule.anchor = 3  # (summary) "[2,3,4]->3" was the internal k_pre = 4 model's; for Qwen it is inferred
   c.schedule.update(dict(switch_at=0.94, switch_unit="epochs"))  # (summary) ~93.9% of one epoch, by analogy
-  c.data.path = "/data/tulu-3-sft-mixture/*.parquet"  # (inferred) the Tülu-3 SFT mixture
-  c.data.max_len = 4096  # ours
+  # lr (ours): a larger (14.3B total) model; the expert axis 4 divides 60 experts (15 per shard)
+  c = public_model_sft(c, lr=1e-5, expert_axis=4)
   c.data.template = "chatml"  # Qwen's chat format, if the checkpoint has no template
-  c.batch_size = 128  # ours
-  c.microbatches = 8
-  c.num_epochs = 1  # ours; steps are counted from the data at start
-  c.num_steps = 7000  # used only with num_epochs = 0
-  c.optimizer.lr = 1e-5  # ours: a larger (14.3B total) model
-  c.optimizer.warmup_steps = 200  # ours
-  c.mesh.update(dict(data=-1, fsdp=1, expert=4))  # ours: 4 divides 60 (60 experts -> 15 per shard)
-  c.checkpoint.every_steps = 250
-  c.eval.every_steps = 250
-  # (summary) MC validation accuracy at k_pre after a burn-in; 500 steps is ours (see configs/olmoe.py).
-  c.select.update(dict(signal="mc", task="arc_easy:tfds:ai2_arc/ARC-Easy/validation", limit=500, batch_size=32,
-                       rule="best_at_kpre", burn_in_steps=500, export="selected"))
-  c.loss.lb_coef = 0.0  # (summary) no load-balancing loss in the public-model runs
-  if arg == "tiny":
-    c = tiny_overrides(c)
-    c.num_epochs = 0
-    c.schedule.update(dict(switch_at=0.94, switch_unit="fraction"))
-    c.select.update(dict(signal="loss", burn_in_steps=0, export="final"))
-    c.mesh.update(dict(data=-1, fsdp=1, expert=1))
-  return c
+  return tiny_public_model(c) if arg == "tiny" else c

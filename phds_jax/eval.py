@@ -63,17 +63,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
 
 def load_model(checkpoint: str, tokenizer: str | None = None, dtype: str | None = None):
   """(cfg, params, tokenizers.Tokenizer) from either checkpoint kind; `dtype` sets param and compute dtype."""
-  root = Path(checkpoint)
-  if (root / ckpt_lib.CONFIG_FILE).is_file():
-    cfg, params = ckpt_lib.load_params(root, dtype=dtype)
-  elif (root / "config.json").is_file():
-    cfg, params = hf.load(root, dtype=dtype)
-  else:
-    raise app.UsageError(f"{root}: neither a HF checkpoint (config.json) nor a params checkpoint "
-                         f"({ckpt_lib.CONFIG_FILE})")
-  if dtype:
-    cfg = cfg.replace(dtype=dtype)
-  return cfg, params, hf.load_tokenizer(tokenizer or root)
+  try:
+    cfg, params = ckpt_lib.load_model(checkpoint, dtype=dtype)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from e
+  return cfg, params, hf.load_tokenizer(tokenizer or checkpoint)
 
 
 def run(fv: flags.FlagValues = FLAGS):

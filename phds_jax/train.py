@@ -20,7 +20,7 @@ import jax
 from ml_collections import config_flags
 
 from phds_jax import cli
-from phds_jax.training import plan
+from phds_jax.training import dry_run
 from phds_jax.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
@@ -60,7 +60,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
   if _DRY_RUN.value:
     config = _CONFIG.value
-    sys.exit(plan.dry_run(config, _WORKDIR.value or os.path.join("runs", f"{config.name}-<time>"),
+    sys.exit(dry_run.dry_run(config, _WORKDIR.value or os.path.join("runs", f"{config.name}-<time>"),
                           num_devices=_PLAN_DEVICES.value, num_hosts=_PLAN_HOSTS.value,
                           device_memory_gb=_PLAN_MEMORY.value))
   if _DISTRIBUTED.value:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from phds_jax import checkpoint
-from phds_jax.training.checkpointing import BadCheckpoint, RunCheckpointer
+from phds_jax.checkpoint import BadCheckpoint, RunCheckpointer
 
 
 def _state(seed: int) -> dict:

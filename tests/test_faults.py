@@ -29,7 +29,7 @@ from phds_jax import cli, hf, models, paths
 from phds_jax import data as data_lib
 from phds_jax.experiments import runs
 from phds_jax.training import loop, observe, resume, run as run_lib, step as step_lib
-from phds_jax.training.checkpointing import ResumeError, RunCheckpointer
+from phds_jax.checkpoint import ResumeError, RunCheckpointer
 from phds_jax.training.config_checks import TrainConfigError, validate_config
 
 ASSETS = paths.ASSETS_DIR

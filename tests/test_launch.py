@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs import demo, olmoe
-from phds_jax.training import plan
+from phds_jax.training import dry_run
 
 REPO = Path(__file__).resolve().parent.parent
 OLMOE_SHAPES = REPO / "launch" / "shapes" / "OLMoE-1B-7B-0125"  # config.json only: the sizes, no weights
@@ -34,35 +34,35 @@ def _olmoe(**mesh):
 
 
 def test_plan_counts_parameters_and_shards_them_like_the_trainer():
-  p = plan.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 8)
+  p = dry_run.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 8)
   assert p.total_params == _olmoe_params()  # 6.92 B
   assert p.mesh == {"data": 1, "fsdp": 8, "expert": 1}
   replicated = 16 * (2048 * 64 + 4 * 2048) + 2048  # routers and norms; every other tensor is split 8 ways
   assert p.param_bytes == 4 * ((_olmoe_params() - replicated) // 8 + replicated)
   assert p.adam_bytes == 2 * p.param_bytes and p.state_bytes == 4 * p.param_bytes
   experts = 16 * 64 * 3 * 2048 * 1024
-  p = plan.make_plan(_olmoe(data=-1, fsdp=1, expert=8), "runs/x", 8)
+  p = dry_run.make_plan(_olmoe(data=-1, fsdp=1, expert=8), "runs/x", 8)
   assert p.param_bytes == 4 * (_olmoe_params() - experts + experts // 8)  # only the experts are split
   assert p.active_params_k_pre == _olmoe_params() - 16 * (64 - 8) * 3 * 2048 * 1024  # 1.28 B
   assert p.tokens_per_step == 128 * 4096 and p.num_steps == 7000
-  one = plan.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 1, device_memory_gb=80)
+  one = dry_run.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 1, device_memory_gb=80)
   assert one.state_bytes / 2**30 > 100 and one.fits is False  # fp32 master + grads + Adam on one 80 GB GPU
-  assert plan.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 4, device_memory_gb=80).fits is True
+  assert dry_run.make_plan(_olmoe(data=1, fsdp=-1, expert=1), "runs/x", 4, device_memory_gb=80).fits is True
   with pytest.raises(ValueError, match="does not divide num_experts"):
-    plan.make_plan(_olmoe(data=1, fsdp=1, expert=-1), "runs/x", 6)
+    dry_run.make_plan(_olmoe(data=1, fsdp=1, expert=-1), "runs/x", 6)
 
 
 def test_plan_text_names_mesh_memory_tokens_steps_and_checkpoints():
-  p = plan.make_plan(demo.get_config(), "runs/demo-1", 1, num_hosts=1, device_memory_gb=16)
+  p = dry_run.make_plan(demo.get_config(), "runs/demo-1", 1, num_hosts=1, device_memory_gb=16)
   text = p.render()
   for needle in ("mesh data=1 x fsdp=1 x expert=1", "per device:  params", "AdamW moments", "fits",
                  "16 rows x 128 tokens = 2,048 tokens per step", "steps:       100",
                  "runs/demo-1/checkpoints/<step> (every 50 steps, the latest 2 kept plus the best by validation",
                  "anchored at k=2 from step 90"):
     assert needle in text, needle
-  shared = plan.make_plan(_olmoe(), "/local/run", 16, num_hosts=2)
+  shared = dry_run.make_plan(_olmoe(), "/local/run", 16, num_hosts=2)
   assert any("every host" in w for w in shared.warnings)
-  assert not plan.make_plan(_olmoe(), "gs://b/run", 16, num_hosts=2).warnings
+  assert not dry_run.make_plan(_olmoe(), "gs://b/run", 16, num_hosts=2).warnings
 
 
 def _sh(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -72,14 +72,14 @@ def _sh(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_single_gpu_refuses_olmoe_on_one_80gb_gpu_and_plans_fsdp_over_more():
   one = _sh("single_gpu.sh", "--dry_run", *REAL, NUM_GPUS="1")
-  assert one.returncode == plan.EXIT_DOES_NOT_FIT, one.stderr
+  assert one.returncode == dry_run.EXIT_DOES_NOT_FIT, one.stderr
   assert "DOES NOT FIT" in one.stdout and "mesh data=1 x fsdp=1 x expert=1" in one.stdout
   four = _sh("single_gpu.sh", "--dry_run", *REAL, NUM_GPUS="4")
   assert four.returncode == 0, four.stderr
   assert "mesh data=1 x fsdp=4 x expert=1" in four.stdout and " fits" in four.stdout
   # Without --dry_run the same plan runs first and stops the launch before any weights load.
   refused = _sh("single_gpu.sh", *REAL, NUM_GPUS="1")
-  assert refused.returncode == plan.EXIT_DOES_NOT_FIT and "not starting" in refused.stderr
+  assert refused.returncode == dry_run.EXIT_DOES_NOT_FIT and "not starting" in refused.stderr
 
 
 def test_gpu_multinode_dry_run_plans_all_nodes_and_needs_slurm():

@@ -452,6 +452,19 @@ def test_queue_full_is_429_with_retry_after(served):
   assert post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def wait_for_disconnect(url: str, before: dict) -> None:
+  wait_until(lambda: httpx.get(f"{url}/health").json()["disconnects"] == before["disconnects"] + 1,
+             "the server to notice the disconnect")
+
+
+def assert_ended_cancelled(url: str, before: dict) -> None:
+  """One more request ended as cancelled since `before` (a /health snapshot), and none more by its length."""
+  finished = lambda reason: httpx.get(f"{url}/health").json()["finished"].get(reason, 0)
+  wait_until(lambda: finished("cancelled") == before["finished"].get("cancelled", 0) + 1,
+             "the scheduler's cancelled event")
+  assert finished("length") == before["finished"].get("length", 0)
+
+
 def test_disconnect_mid_stream_frees_the_slot(served):
   url, scheduler = served
   wait_until(lambda: idle(url), "an idle server")
@@ -463,13 +476,9 @@ def test_disconnect_mid_stream_frees_the_slot(served):
         if line.startswith("data: {"):
           break  # a token arrived: the request holds a slot. Hold the engine (so it cannot run to its end), hang up
       paused.enter_context(engine_paused(scheduler))
-    wait_until(lambda: httpx.get(f"{url}/health").json()["disconnects"] == before["disconnects"] + 1,
-               "the server to notice the disconnect")
+    wait_for_disconnect(url, before)
   wait_until(lambda: idle(url), "the slot to be freed")
-  # The scheduler ended it as cancelled, not by running to max_tokens.
-  wait_until(lambda: httpx.get(f"{url}/health").json()["finished"].get("cancelled", 0)
-             == before["finished"].get("cancelled", 0) + 1, "the scheduler's cancelled event")
-  assert httpx.get(f"{url}/health").json()["finished"].get("length", 0) == before["finished"].get("length", 0)
+  assert_ended_cancelled(url, before)  # by the scheduler, not by running to max_tokens
   assert scheduler.num_active == 0
 
 
@@ -482,13 +491,10 @@ def test_disconnect_while_queued_cancels_the_request(served):
   with engine_paused(scheduler):
     with pytest.raises(httpx.ReadTimeout):
       httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=0.3)
-    wait_until(lambda: httpx.get(f"{url}/health").json()["disconnects"] == before["disconnects"] + 1,
-               "the server to notice the disconnect")
+    wait_for_disconnect(url, before)
   wait_until(lambda: idle(url), "an idle server")
   # /health counts the ends of HTTP requests only (not the direct submission that paused the engine).
-  wait_until(lambda: httpx.get(f"{url}/health").json()["finished"].get("cancelled", 0)
-             == before["finished"].get("cancelled", 0) + 1, "the scheduler's cancelled event")
-  assert httpx.get(f"{url}/health").json()["finished"].get("length", 0) == before["finished"].get("length", 0)
+  assert_ended_cancelled(url, before)
 
 
 # ------------------------------------------------------------------------------ SIGTERM on a real process

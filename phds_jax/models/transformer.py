@@ -5,7 +5,7 @@
     logits, aux = model.apply({'params': params}, tokens, k=4)
     logits, aux, cache = model.apply({'params': params}, tokens, k=4, cache=init_cache(cfg, B, L))
 
-Jit with `static_argnames=('k', 'mode')` (see `jit_forward`): each distinct k compiles once.
+Jit with `static_argnames=('k', 'mode')` (see `models/forward.py`): each distinct k compiles once.
 
 Array names end in their shape, one capital letter per axis (`x_BxTxD` is [batch, tokens, hidden]). The letters
 mean the same here and in attention.py, moe.py, router.py and experts.py:

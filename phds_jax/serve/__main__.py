@@ -20,8 +20,8 @@ from pathlib import Path
 import uvicorn
 from absl import app, flags
 
+from phds_jax import checkpoint, kplan
 from phds_jax.data.tokenize import ChatTokenizer
-from phds_jax.eval import load_model
 from phds_jax.serve.app import KPolicy, create_app
 from phds_jax.serve.profile import load_profile
 from phds_jax.serve.scheduler import Scheduler
@@ -63,10 +63,10 @@ def serve(fv: flags.FlagValues = FLAGS) -> None:
   root = Path(fv.checkpoint)
   try:  # every user error (missing files, bad profile, ks / default_k / profile that disagree) before compiling
     profile = load_profile(fv.profile) if fv.profile else None
-    cfg, params, _ = load_model(str(root), dtype=fv.dtype)
+    cfg, params = checkpoint.load_model(root, dtype=fv.dtype)
     tokenizer = ChatTokenizer.from_dir(str(root))
-    ks = sorted({int(k) for k in fv.ks}) if fv.ks else list(range(1, cfg.k_pre + 1))
-    default_k = fv.default_k if fv.default_k is not None else (cfg.k_pre if cfg.k_pre in ks else max(ks))
+    ks = sorted({int(k) for k in fv.ks}) if fv.ks else kplan.default_ks(cfg.k_pre)
+    default_k = fv.default_k if fv.default_k is not None else kplan.reference_k(cfg.k_pre, ks)
     KPolicy(cfg.k_pre, tuple(ks), default_k, profile)
   except (OSError, ValueError) as e:  # CheckpointError, ConfigError, ProfileError are ValueErrors
     raise app.UsageError(f"{type(e).__name__}: {e}") from e

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from phds_jax.eval import load_model
+from phds_jax import checkpoint, kplan
 from phds_jax.serve.engine import time_decode
 
 FLAGS = flags.FLAGS
@@ -229,9 +229,9 @@ def run(fv: flags.FlagValues = FLAGS) -> dict[str, Any]:
       raise ProfileError(f"{file}: cannot read evaluator results ({e})") from e
     accuracy, source = accuracy_by_k(results, fv.task, fv.metric)
     source = {"results": str(file.absolute()), **source}
-  cfg, params, _ = load_model(fv.checkpoint, dtype=fv.dtype)
-  ks = sorted({int(k) for k in fv.ks}) if fv.ks else list(range(1, cfg.k_pre + 1))
-  bad = [k for k in ks if not 1 <= k <= cfg.k_pre]
+  cfg, params = checkpoint.load_model(fv.checkpoint, dtype=fv.dtype)
+  ks = sorted({int(k) for k in fv.ks}) if fv.ks else kplan.default_ks(cfg.k_pre)
+  bad = kplan.ks_outside(ks, cfg.k_pre)
   if bad:
     raise app.UsageError(f"--ks {bad} outside [1, k_pre={cfg.k_pre}]")
   if accuracy is not None and not set(ks) & set(accuracy):

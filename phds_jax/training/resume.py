@@ -20,7 +20,7 @@ import ml_collections
 
 from configs.base import base_config
 from phds_jax import paths
-from phds_jax.training.checkpointing import ResumeError
+from phds_jax.checkpoint import ResumeError
 
 # Dotted prefixes that do not alter what is trained (observation, storage, kernels, performance).
 SAFE = ("name", "num_steps", "resume", "max_nonfinite_in_a_row", "checkpoint", "eval", "final_eval", "export",

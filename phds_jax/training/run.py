@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 from phds_jax import checkpoint as params_ckpt
 from phds_jax import data as data_lib
 from phds_jax import hf, kplan, models, paths, sharding
+from phds_jax.checkpoint import RunCheckpointer
 from phds_jax.training import optimizer, protocol, resume, schedule
-from phds_jax.training.checkpointing import RunCheckpointer
 from phds_jax.training.config_checks import TrainConfigError, host_batch, validate_config
 
 

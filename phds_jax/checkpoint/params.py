@@ -2,7 +2,7 @@
 
 An export (`save_params`): `params/` (an Orbax StandardCheckpointer tree) and `model_config.json`
 (`dataclasses.asdict(cfg)`), so it is self-describing without any HF files; read with a plain restore.
-A run's `checkpoints/` folder (training.checkpointing.RunCheckpointer) holds one TrainState per step with a
+A run's `checkpoints/` folder (checkpoint/run.py: RunCheckpointer) holds one TrainState per step with a
 CRC manifest; `load_params(dir, step=N)` reads it through the same verified path the trainer resumes from, so a
 damaged step is refused (BadCheckpoint) rather than scored.
 """
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from phds_jax import paths
+from phds_jax import hf, paths
 from phds_jax.models.config import ModelConfig
-from phds_jax.training.checkpointing import BadCheckpoint, RunCheckpointer
+from phds_jax.checkpoint.run import BadCheckpoint, RunCheckpointer
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +112,19 @@ def _load_run_step(directory: str | os.PathLike, step: int, dtype: Any) -> Any:
     reader.close()
   params = state["params"]
   return params if dtype is None else jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def load_model(directory: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Any]:
+  """(cfg, params) of either kind of model directory: an HF checkpoint (config.json + safetensors) or a params
+  export (model_config.json + params/); `dtype` sets the param and the compute dtype.
+
+  What the evaluator, the server and the latency profiler open a `--checkpoint` with.
+  """
+  root = paths.as_epath(directory)
+  if (root / CONFIG_FILE).is_file():
+    cfg, params = load_params(root, dtype=dtype)
+  elif (root / "config.json").is_file():
+    cfg, params = hf.load(os.fspath(root), dtype=dtype)
+  else:
+    raise FileNotFoundError(f"{root}: neither a HF checkpoint (config.json) nor a params checkpoint ({CONFIG_FILE})")
+  return (cfg.replace(dtype=dtype) if dtype else cfg), params
