@@ -12,39 +12,25 @@ while absl parses flags (before `main` runs), get the same treatment with close-
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging
 import sys
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
 from phds_jax.data.errors import DataError
+from phds_jax.errors import UserError, close_matches, config_field_names
 from phds_jax.hf import CheckpointError
 from phds_jax.models.config import ConfigError
 
 EXIT_USER_ERROR = 2
 
 
-class UserError(Exception):
-  """An error the user can fix (bad config, bad input file, refused resume); `fix` says how."""
-
-  def __init__(self, message: str, fix: str | None = None):
-    super().__init__(message)
-    self.fix = fix
-
-
 # Reported as user errors: ours, and the errors a bad data file, checkpoint or model config raises.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, DataError, CheckpointError, ConfigError,
                                                 FileNotFoundError)
-
-
-def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
-  """' (did you mean a, b?)' for the nearest candidates by difflib, or ''."""
-  hits = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
-  return f" (did you mean {', '.join(hits)}?)" if hits else ""
 
 
 def format_user_error(err: BaseException) -> str:
@@ -63,17 +49,6 @@ def _config_file(argv: Sequence[str]) -> tuple[str, str | None] | None:
       path, _, arg = a[len("--config="):].partition(":")
       return path, arg or None
   return None
-
-
-def config_field_names(config: Any, prefix: str = "") -> list[str]:
-  """Every dotted field name of a ConfigDict (nested dicts included)."""
-  names = []
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    names.append(name)
-    if hasattr(value, "items"):
-      names += config_field_names(value, name + ".")
-  return names
 
 
 def _load_config(path: str, arg: str | None) -> Any:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from phds_jax import checkpoint, cli, console, hf
+from phds_jax import checkpoint, cli, console, errors, hf
 
 
 def define_flags() -> None:
@@ -51,7 +51,7 @@ F = flags.FLAGS
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class ConvertError(cli.UserError, ValueError):
+class ConvertError(errors.UserError, ValueError):
   """A conversion the user asked for that cannot be done as asked (the message says what to pass)."""
 
 

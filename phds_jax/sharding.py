@@ -81,8 +81,14 @@ def validate_mesh_for_model(mesh: Mesh | dict[str, int], num_experts: int) -> No
                     f"use a divisor (e.g. {[d for d in range(1, num_experts + 1) if num_experts % d == 0]})")
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The axes of `mesh` the batch is split over (every batch axis it has)."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_shards(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in MESH_AXES]))
+  """How many pieces the batch is split into: the product of the batch axes' sizes."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
 
 
 def path_str(path) -> str:

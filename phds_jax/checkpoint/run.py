@@ -25,16 +25,16 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from phds_jax import cli, paths
+from phds_jax import errors, paths
 from phds_jax.checkpoint.manifest import abstract_state, compare_manifests, manifest_of, shape_differences
 
 
 
-class ResumeError(cli.UserError):
+class ResumeError(errors.UserError):
   """The checkpoint in the workdir cannot be resumed with this config (shapes, structure, settings)."""
 
 
-class CheckpointSaveError(cli.UserError):
+class CheckpointSaveError(errors.UserError):
   """A save failed (disk full, permissions); older checkpoints are untouched."""
 
 

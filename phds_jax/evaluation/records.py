@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from phds_jax import cli
+from phds_jax import errors
 from phds_jax.data.errors import DataError, EmptySourceError
 from phds_jax.data.formats import RAW, to_python
 from phds_jax.data.sources import EXACT, open_source
@@ -25,7 +25,7 @@ Doc = dict[str, Any]
 Located = tuple[str, Doc]
 
 
-class EvalDataError(cli.UserError, DataError):
+class EvalDataError(errors.UserError, DataError):
   """Unusable evaluation data; the message starts with where it is (file:line, file: row N, tfds:...[i])."""
 
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from phds_jax import kernels
-from phds_jax.sharding import BATCH_AXES, EXPERT_AXIS
+from phds_jax import sharding
+from phds_jax.sharding import EXPERT_AXIS
 from phds_jax.models.experts import combine, dispatch, routed_experts, sort_by_expert
 from phds_jax.models.layers import swiglu
 
@@ -66,12 +67,9 @@ def _exchanged_experts(x_TxD, weights_TxS, experts_TxS, wi_LxDx2F, wo_LxFxD, *, 
 def routed_experts_sharded(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD, *, impl, mesh,
                            permute_impl="jax"):
   """Routed expert FFN over `mesh`: tokens sharded on every axis, experts on the `expert` axis."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  batch_shards = 1
-  for a in axes:
-    batch_shards *= mesh.shape[a]
-  if x_TxD.shape[0] % batch_shards:
-    raise ValueError(f"{x_TxD.shape[0]} tokens do not split over {batch_shards} batch shards {axes}")
+  axes, pieces = sharding.batch_axes(mesh), sharding.batch_shards(mesh)
+  if x_TxD.shape[0] % pieces:
+    raise ValueError(f"{x_TxD.shape[0]} tokens do not split over {pieces} batch shards {axes}")
   shards = mesh.shape.get(EXPERT_AXIS, 1)
   if wi_ExDx2F.shape[0] % shards:
     raise ValueError(f"{wi_ExDx2F.shape[0]} experts do not split over expert axis of size {shards}")
@@ -80,7 +78,8 @@ def routed_experts_sharded(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD,
     fn = lambda *a: _exchanged_experts(*a, impl=impl, permute_impl=permute_impl, shards=shards)
     w_spec = P(EXPERT_AXIS, None, None)
   else:
-    fn = lambda *a: routed_experts(*a, impl=impl, permute_impl=permute_impl)  # all experts local: the single-device computation
+    # all experts local: the single-device computation
+    fn = lambda *a: routed_experts(*a, impl=impl, permute_impl=permute_impl)
     w_spec = P(None, None, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec), out_specs=tok,
                        check_vma=False)(x_TxD, weights_TxS, experts_TxS, wi_ExDx2F, wo_ExFxD)

@@ -2,7 +2,7 @@
 
 Every check here is cheap (small JSON headers, globs, a task registry): a typo, an out-of-range value or an
 unknown field fails in a second with one line that names the field and the fix, not after the model loads or
-at the first eval. `TrainConfigError` is a `cli.UserError`: the CLI prints it without a traceback (exit 2).
+at the first eval. `TrainConfigError` is an `errors.UserError`: the CLI prints it without a traceback (exit 2).
 `validate_config` returns the run's k plan (phds_jax/kplan.py), checked here against the init checkpoint's k_pre.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 
 from configs.base import base_config
-from phds_jax import cli, kplan, paths, sharding
+from phds_jax import errors, kplan, paths, sharding
 from phds_jax.data.errors import ON_ERROR
 from phds_jax.data.formats import FORMATS
 from phds_jax.data.pipeline import PACKINGS, DataConfig
@@ -41,7 +41,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _DATA_RUNTIME = ("batch_size", "part", "seed", "shuffle", "num_epochs", "shard_index", "shard_count")
 
 
-class TrainConfigError(cli.UserError, ValueError):
+class TrainConfigError(errors.UserError, ValueError):
   """A training configuration that cannot run."""
 
 
@@ -65,7 +65,7 @@ def _get(config: Any, field: str) -> Any:
 
 def known_fields() -> set[str]:
   """Every dotted field a training config may hold: base_config's, plus ModelConfig/DataConfig fields."""
-  names = set(cli.config_field_names(base_config()))
+  names = set(errors.config_field_names(base_config()))
   model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
   names |= {f"model.{f}" for f in model_fields} | {f"scratch_model.{f}" for f in model_fields}
   names |= {f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name not in _DATA_RUNTIME}
@@ -75,9 +75,9 @@ def known_fields() -> set[str]:
 def check_known_fields(config: ml_collections.ConfigDict) -> None:
   """Unknown fields (typos such as `optimizer.decya`) fail with the closest known names."""
   known = known_fields()
-  for name in cli.config_field_names(config):
+  for name in errors.config_field_names(config):
     if name not in known:
-      raise TrainConfigError(f"unknown config field {name!r}{cli.close_matches(name, known)}",
+      raise TrainConfigError(f"unknown config field {name!r}{errors.close_matches(name, known)}",
                              fix="rename or remove it (configs/base.py lists every field)")
 
 
@@ -266,4 +266,4 @@ def _check_allow_changes(config) -> None:
   names = [n.strip() for n in (raw.split(",") if isinstance(raw, str) else raw) if n and n.strip()]
   known = known_fields()
   for n in names:
-    _need(n in known, f"resume.allow_changes: unknown field {n!r}{cli.close_matches(n, known)}")
+    _need(n in known, f"resume.allow_changes: unknown field {n!r}{errors.close_matches(n, known)}")

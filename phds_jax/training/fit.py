@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phds_jax import cli, paths, sharding
+from phds_jax import errors, paths, sharding
 from phds_jax import data as data_lib
 from phds_jax.training import observe, optimizer, protocol, resume, schedule
 from phds_jax.training import step as step_lib
 from phds_jax.training.run import Run
 
 
-class TrainingDiverged(cli.UserError, FloatingPointError):
+class TrainingDiverged(errors.UserError, FloatingPointError):
   """Too many non-finite steps in a row; the checkpoints hold only finite, verified states."""
 
 
