@@ -241,8 +241,8 @@ def validate_config(config: ml_collections.ConfigDict) -> kplan.KPlan:
     sharding.mesh_sizes(dict(config.mesh), n)
   except sharding.MeshError as e:
     raise TrainConfigError(f"mesh: {e}", fix="--config.mesh.data=-1 takes every device") from None
-  _need(batch_error(config.batch_size, config.microbatches, n) is None,
-        batch_error(config.batch_size, config.microbatches, n))
+  batch_problem = batch_error(config.batch_size, config.microbatches, n)
+  _need(batch_problem is None, batch_problem)
   _check_data(config)
   _need(config.checkpoint.every_steps >= 1 and config.checkpoint.keep >= 1,
         "checkpoint.every_steps and checkpoint.keep must be >= 1")
